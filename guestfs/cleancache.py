@@ -1,0 +1,383 @@
+"""The cleancache frontend, after Linux ``mm/cleancache.c`` + ``drivers/xen/tmem.c``.
+
+One private ephemeral tmem pool per backing filesystem: ``init_fs`` sends NEW_POOL,
+``invalidate_fs`` DESTROY_POOL. ``get_page``/``put_page`` move whole 4096-byte pages;
+``invalidate_page``/``invalidate_inode`` send FLUSH_PAGE/FLUSH_OBJECT. A put always
+"succeeds" (the host may drop it); a get returns ``bytes`` or ``None``.
+
+ABI (``abi``):
+
+``v1``    56-byte records; the wire oid is the key's 192-bit oid (Linux's filekey words).
+``v0``    40-byte records; the 192-bit key is folded to the 64-bit v0 object id by ``fold``:
+          ``xxh64`` of ``FileKey.identity_bytes()`` (default) or ``ino`` (the inode number
+          alone, as v0-era guests keyed files).
+``auto``  NEW_POOL v1; if the host answers -EPERM (a v0 host), NEW_POOL v0; if that fails too,
+          or v1 failed with any other error, passthrough.
+
+``mode`` after ``init_fs``: ``v1`` | ``v0-xxh64`` | ``v0-ino`` | ``passthrough``.
+
+Ownership guard (all modes). The frontend remembers, per pool, which pages it may have put:
+``key -> _Object(wire oid, indexes possibly in tmem)``, plus ``wire oid -> owning key``. An
+object exists exactly while some of its pages may be in the host (a private ephemeral get is
+exclusive, so a get -- hit or miss -- removes the index; flushes remove it; the host's own
+silent evictions are not visible, so the set is a *superset* of what the host holds). A key
+whose wire oid is owned by a different key is bypassed: its puts are dropped and its gets miss
+(``fold_collisions`` in v0, ``oid_collisions`` in v1, where it can only happen between
+different handle types, devices or key sources). So tmem never serves one file's bytes to
+another. Ownership ends when the owner's last possibly-stored page is gone (got, flushed, or
+its object invalidated), so a reused inode number gets the slot only after the old file's pages
+were flushed. Because the set is a superset, gets for pages never put skip the host call
+(counted as ``failed_gets`` and ``gets_skipped``) and invalidations of pages never put send
+nothing.
+
+To bound memory, at most ``max_tracked_pages`` pages are tracked; beyond that the oldest object
+is flushed from the host (FLUSH_OBJECT) and forgotten (``tracked_object_flushes``).
+
+Transport failure (``OSError`` from the transport, e.g. the tmemd server died): the op counts
+as a miss, ``transport_errors`` is bumped and the frontend switches to passthrough for good,
+because it can no longer prove that its flushes reached the host (a later get could otherwise
+return a page that a lost flush should have removed).
+
+Not thread-safe: ``PageIO`` serialises calls with its lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import xxhash
+from tmemcore.abi import (
+    PAGE_SIZE,
+    SPEC_V0,
+    SPEC_V1,
+    TMEM_DESTROY_POOL,
+    TMEM_FLUSH_OBJECT,
+    TMEM_FLUSH_PAGE,
+    TMEM_GET_PAGE,
+    TMEM_PUT_PAGE,
+    gen_record,
+    new_pool_record,
+    pool_flags,
+)
+
+from .filekey import FileKey
+from .transport import Transport
+
+ABIS = ("v1", "v0", "auto")
+FOLDS = ("xxh64", "ino")
+MAX_INDEX = 0xFFFF_FFFF  # the record's index is a u32; Linux skipped pages beyond it
+_ZERO_PAGE = bytes(PAGE_SIZE)
+_U32 = struct.Struct("<I")
+
+
+def _index_offset(version: int) -> int:
+    """Where a gen record's u32 index sits, found from tmemcore.abi itself (not hard-coded)."""
+    low = gen_record(TMEM_GET_PAGE, 0, 0, 0, version)
+    high = gen_record(TMEM_GET_PAGE, 0, 0, MAX_INDEX, version)
+    changed = [i for i in range(len(low)) if low[i] != high[i]]
+    assert len(changed) == 4 and changed[3] - changed[0] == 3, changed
+    return changed[0]
+
+
+_INDEX_OFFSET = {SPEC_V1: _index_offset(SPEC_V1), SPEC_V0: _index_offset(SPEC_V0)}
+
+
+class _Object:
+    """The pages of one file that may be in the pool, under the file's wire oid.
+
+    The GET/PUT record bytes before and after the index are built once per object with
+    ``tmemcore.abi.gen_record``; a page op only splices in its index (the hot path).
+    """
+
+    __slots__ = ("wire_oid", "indexes", "get_head", "put_head", "tail")
+
+    def __init__(self, wire_oid: int, pool_id: int, version: int) -> None:
+        self.wire_oid = wire_oid
+        self.indexes: set[int] = set()
+        at = _INDEX_OFFSET[version]
+        get = gen_record(TMEM_GET_PAGE, pool_id, wire_oid, 0, version)
+        self.get_head = get[:at]
+        self.put_head = gen_record(TMEM_PUT_PAGE, pool_id, wire_oid, 0, version)[:at]
+        self.tail = get[at + 4 :]
+
+    def record(self, head: bytes, index: int) -> bytes:
+        return head + _U32.pack(index) + self.tail
+
+
+class CleanCache:
+    """Frontend of one tmem pool (one backing filesystem)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        abi: str = "v1",
+        fold: str = "xxh64",
+        max_tracked_pages: int = 1 << 20,
+    ) -> None:
+        if abi not in ABIS:
+            raise ValueError(f"abi must be one of {', '.join(ABIS)}, got {abi!r}")
+        if fold not in FOLDS:
+            raise ValueError(f"fold must be one of {', '.join(FOLDS)}, got {fold!r}")
+        if max_tracked_pages < 1:
+            raise ValueError(f"max_tracked_pages must be >= 1, got {max_tracked_pages}")
+        self.transport = transport
+        self.abi = abi
+        self.fold = fold
+        self.max_tracked_pages = max_tracked_pages
+        self.mode = "uninitialised"
+        self.disabled_reason = ""
+        self._pool_id = -1
+        self._version = SPEC_V1
+        self._page = bytearray(PAGE_SIZE)  # reused for every put and get
+        self._objects: dict[FileKey, _Object] = {}
+        self._owners: dict[int, FileKey] = {}
+        self._tracked = 0
+        self.succ_gets = 0
+        self.failed_gets = 0
+        self.gets_skipped = 0
+        self.puts = 0
+        self.puts_dropped = 0
+        self.host_put_failures = 0
+        self.invalidates = 0
+        self.flushes_sent = 0
+        self.fold_collisions = 0
+        self.oid_collisions = 0
+        self.index_overflows = 0
+        self.transport_errors = 0
+        self.tracked_object_flushes = 0
+
+    # --- pool lifetime -------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self._pool_id >= 0
+
+    def init_fs(self) -> None:
+        """Create the pool (NEW_POOL) per ``abi``; on failure run as passthrough."""
+        if self.active:
+            raise RuntimeError("init_fs called twice without invalidate_fs")
+        versions = {"v1": (SPEC_V1,), "v0": (SPEC_V0,), "auto": (SPEC_V1, SPEC_V0)}[self.abi]
+        errors_before = self.transport_errors
+        for version in versions:
+            rc = self._call(new_pool_record(pool_flags(version=version), version=version))
+            if rc >= 0:
+                self._pool_id, self._version = rc, version
+                self.mode = "v1" if version == SPEC_V1 else f"v0-{self.fold}"
+                self.disabled_reason = ""
+                return
+            self.disabled_reason = f"NEW_POOL v{version} returned {rc}"
+            if rc != -errno.EPERM or self.transport_errors != errors_before:
+                break  # only a version mismatch (-EPERM) is worth a v0 retry
+        self.mode = "passthrough"
+
+    def invalidate_fs(self) -> None:
+        """Destroy the pool (unmount). Idempotent."""
+        if self.active:
+            self._call(gen_record(TMEM_DESTROY_POOL, self._pool_id, 0, 0, self._version))
+        self._forget_all()
+        if self.mode != "uninitialised":
+            self.mode = "passthrough"
+
+    # --- pages -------------------------------------------------------------------------------
+
+    def get_page(self, key: FileKey, index: int) -> bytes | None:
+        """The page's 4096 bytes from tmem (removing it: private gets are exclusive), or None."""
+        obj = self._objects.get(key)
+        if obj is None or index not in obj.indexes:
+            if self.active:
+                self.failed_gets += 1
+                self.gets_skipped += 1
+            return None
+        self._untrack(key, obj, index)
+        page = self._page
+        try:
+            rc = self.transport.call(obj.get_head + _U32.pack(index) + obj.tail, page)
+        except OSError as exc:
+            rc = self._transport_failed(exc)
+        if rc == 1:
+            self.succ_gets += 1
+            return bytes(page)
+        self.failed_gets += 1
+        return None
+
+    def put_page(self, key: FileKey, index: int, data: bytes) -> None:
+        """Offer a clean page (<= 4096 bytes, zero-padded) to tmem. Always "succeeds"."""
+        if not self.active:
+            return
+        size = len(data)
+        if size > PAGE_SIZE:
+            raise ValueError(f"a page is at most {PAGE_SIZE} bytes, got {size}")
+        self.puts += 1
+        obj = self._objects.get(key)
+        if obj is None:
+            obj = self._claim(key, index)
+            if obj is None:
+                self.puts_dropped += 1
+                return
+        elif index > MAX_INDEX:
+            self.index_overflows += 1
+            self.puts_dropped += 1
+            return
+        page = self._page
+        if size == PAGE_SIZE:
+            page[:] = data
+        else:
+            page[:size] = data
+            page[size:] = _ZERO_PAGE[size:]
+        if index not in obj.indexes:
+            obj.indexes.add(index)
+            self._tracked += 1
+        try:
+            rc = self.transport.call(obj.put_head + _U32.pack(index) + obj.tail, page)
+        except OSError as exc:
+            rc = self._transport_failed(exc)
+        if rc != 1:
+            self.host_put_failures += 1  # still tracked: a failed duplicate put may leave nothing, never old data
+        if self._tracked > self.max_tracked_pages:
+            self._flush_oldest_object()
+
+    def holds(self, key: FileKey, index: int) -> bool:
+        """True when the page may be in tmem (it was put and not since got or flushed)."""
+        obj = self._objects.get(key)
+        return obj is not None and index in obj.indexes
+
+    def tracked_keys(self) -> list[FileKey]:
+        """The files that may have pages in tmem."""
+        return list(self._objects)
+
+    def invalidate_page(self, key: FileKey, index: int) -> None:
+        """FLUSH_PAGE: the page's tmem copy is gone afterwards."""
+        if not self.active:
+            return
+        self.invalidates += 1
+        obj = self._objects.get(key)
+        if obj is None or index not in obj.indexes:
+            return
+        self._untrack(key, obj, index)
+        self.flushes_sent += 1
+        self._call(gen_record(TMEM_FLUSH_PAGE, self._pool_id, obj.wire_oid, index, self._version))
+
+    def invalidate_inode(self, key: FileKey) -> None:
+        """FLUSH_OBJECT: all the file's tmem pages are gone and its oid is released."""
+        if not self.active:
+            return
+        self.invalidates += 1
+        obj = self._objects.get(key)
+        if obj is None:
+            return
+        self._release(key, obj)
+        self.flushes_sent += 1
+        self._call(gen_record(TMEM_FLUSH_OBJECT, self._pool_id, obj.wire_oid, 0, self._version))
+
+    # --- introspection -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int | str]:
+        return {
+            "mode": self.mode,
+            "abi": self.abi,
+            "fold": self.fold,
+            "pool_id": self._pool_id,
+            "disabled_reason": self.disabled_reason,
+            "succ_gets": self.succ_gets,
+            "failed_gets": self.failed_gets,
+            "gets_skipped": self.gets_skipped,
+            "puts": self.puts,
+            "puts_dropped": self.puts_dropped,
+            "host_put_failures": self.host_put_failures,
+            "invalidates": self.invalidates,
+            "flushes_sent": self.flushes_sent,
+            "fold_collisions": self.fold_collisions,
+            "oid_collisions": self.oid_collisions,
+            "index_overflows": self.index_overflows,
+            "transport_errors": self.transport_errors,
+            "tracked_pages": self._tracked,
+            "tracked_objects": len(self._objects),
+            "tracked_object_flushes": self.tracked_object_flushes,
+        }
+
+    def check(self) -> None:
+        """Assert the frontend's invariants."""
+        assert self.mode in ("uninitialised", "passthrough", "v1", "v0-xxh64", "v0-ino"), self.mode
+        assert self.active == (self.mode not in ("uninitialised", "passthrough")), (self.mode, self._pool_id)
+        assert self.mode.startswith("v0") == (self.active and self._version == SPEC_V0)
+        if not self.active:
+            assert not self._objects and not self._owners and self._tracked == 0
+        assert len(self._objects) == len(self._owners)
+        assert self._tracked == sum(len(obj.indexes) for obj in self._objects.values())
+        assert self._tracked <= self.max_tracked_pages
+        for key, obj in self._objects.items():
+            assert obj.indexes, f"empty object left for {key}"
+            assert self._owners.get(obj.wire_oid) is key, f"{key} does not own its oid"
+            assert obj.wire_oid == self.wire_oid(key)
+            assert obj.record(obj.get_head, 7) == gen_record(TMEM_GET_PAGE, self._pool_id, obj.wire_oid, 7, self._version)
+            assert obj.record(obj.put_head, 7) == gen_record(TMEM_PUT_PAGE, self._pool_id, obj.wire_oid, 7, self._version)
+            assert max(obj.indexes) <= MAX_INDEX
+        assert self.succ_gets + self.failed_gets >= self.gets_skipped
+
+    def wire_oid(self, key: FileKey) -> int:
+        """The object id this key travels under in the current mode (folded in v0)."""
+        if self._version == SPEC_V1:
+            return key.oid
+        if self.fold == "ino":
+            return key.ino & 0xFFFF_FFFF_FFFF_FFFF
+        return xxhash.xxh64_intdigest(key.identity_bytes())
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _claim(self, key: FileKey, index: int) -> _Object | None:
+        """A new object for ``key`` if its wire oid is free (and the index fits), else None."""
+        if index > MAX_INDEX:
+            self.index_overflows += 1
+            return None
+        wire_oid = self.wire_oid(key)
+        if wire_oid in self._owners:  # owned by another key (ours would be in _objects)
+            if self._version == SPEC_V0:
+                self.fold_collisions += 1
+            else:
+                self.oid_collisions += 1
+            return None
+        obj = _Object(wire_oid, self._pool_id, self._version)
+        self._objects[key] = obj
+        self._owners[wire_oid] = key
+        return obj
+
+    def _untrack(self, key: FileKey, obj: _Object, index: int) -> None:
+        obj.indexes.discard(index)
+        self._tracked -= 1
+        if not obj.indexes:
+            del self._objects[key]
+            del self._owners[obj.wire_oid]
+
+    def _release(self, key: FileKey, obj: _Object) -> None:
+        self._tracked -= len(obj.indexes)
+        del self._objects[key]
+        del self._owners[obj.wire_oid]
+
+    def _flush_oldest_object(self) -> None:
+        key = next(iter(self._objects))
+        obj = self._objects[key]
+        self._release(key, obj)
+        self.tracked_object_flushes += 1
+        self._call(gen_record(TMEM_FLUSH_OBJECT, self._pool_id, obj.wire_oid, 0, self._version))
+
+    def _forget_all(self) -> None:
+        self._objects.clear()
+        self._owners.clear()
+        self._tracked = 0
+        self._pool_id = -1
+
+    def _call(self, op: bytes, page: bytearray | None = None) -> int:
+        try:
+            return self.transport.call(op, page)
+        except OSError as exc:
+            return self._transport_failed(exc)
+
+    def _transport_failed(self, exc: OSError) -> int:
+        """Count the failure and switch off for good: a lost flush could leave stale pages."""
+        self.transport_errors += 1
+        self.disabled_reason = f"transport error: {exc}"
+        self._forget_all()
+        self.mode = "passthrough"
+        return -errno.EIO

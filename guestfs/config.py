@@ -1,0 +1,171 @@
+"""Validated configuration of a guestfs mount: sizes, choices, FUSE options, paths.
+
+Everything a user can get wrong is checked here, before any FUSE or tmem object exists, and every
+problem is a ``ValueError`` whose message is one line (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from guestfs.stack import StackConfig
+
+PAGE_SIZE = 4096
+
+ABIS = ("auto", "v1", "v0")
+FOLDS = ("xxh64", "ino")
+HOST_SPECS = ("auto", "v1", "v0", "both")
+BINDINGS = ("mfusepy", "fusepy")
+THREADS = ("single", "multi")
+
+# -o options a user may pass through to libfuse. Everything else is refused: options such as
+# direct_io, kernel_cache or writeback would silently defeat the user-space cache or its accounting.
+_FLAG_OPTIONS = frozenset({"allow_other", "default_permissions", "noatime", "nodev", "nosuid", "noexec"})
+_VALUE_OPTIONS = frozenset({"fsname", "subtype", "entry_timeout", "negative_timeout"})
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse "4096", "16K", "64M", "1G" (binary units, optional "B"/"iB") into bytes."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ValueError(f"invalid size {text!r}: expected a number of bytes with an optional K/M/G suffix")
+    number, unit, _ = match.groups()
+    return int(number) * _SIZE_UNITS[unit.lower()]
+
+
+def size_to_pages(nbytes: int) -> int:
+    """Bytes → 4 KiB pages, rounding up (a budget of 1 byte still holds one page)."""
+    return math.ceil(nbytes / PAGE_SIZE)
+
+
+def parse_pages(text: str, what: str) -> int:
+    """A size option in pages; at least one page, because a zero-sized cache is a misconfiguration."""
+    pages = size_to_pages(parse_size(text))
+    if pages < 1:
+        raise ValueError(f"{what} must be at least {PAGE_SIZE} bytes, got {text!r}")
+    return pages
+
+
+def parse_fuse_options(values: list[str]) -> tuple[str, ...]:
+    """Validate ``-o a,b=c`` passthrough options against the safe list; returns "key" / "key=value" items."""
+    items: list[str] = []
+    for value in values:
+        for item in filter(None, value.split(",")):
+            key, has_value, _ = item.partition("=")
+            allowed = _VALUE_OPTIONS if has_value else _FLAG_OPTIONS
+            if key not in allowed:
+                safe = ", ".join(sorted(_FLAG_OPTIONS) + [f"{k}=..." for k in sorted(_VALUE_OPTIONS)])
+                raise ValueError(f"-o {item!r} is not a supported FUSE option (supported: {safe})")
+            items.append(item)
+    return tuple(items)
+
+
+def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything ``guestfs mount`` needs, already validated (use :meth:`create`)."""
+
+    source: str
+    mountpoint: str
+    page_cache_pages: int = 4096
+    tmem_pages: int = 65536
+    abi: str = "auto"
+    fold: str = "xxh64"
+    compress: bool = False
+    read_only: bool = False
+    host_spec: str = "auto"
+    server: str | None = None
+    binding: str = "mfusepy"
+    attr_timeout: float = 1.0
+    threads: str = "single"
+    fuse_options: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def create(cls, source: str, mountpoint: str, **options: object) -> MountConfig:
+        """Build a config, checking the paths and every option; raises ValueError (one line)."""
+        config = cls(source=os.path.abspath(source), mountpoint=os.path.abspath(mountpoint), **options)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not os.path.exists(self.source):
+            raise ValueError(f"source {self.source} does not exist")
+        if not os.path.isdir(self.source):
+            raise ValueError(f"source {self.source} is not a directory")
+        if is_fuse_mount(self.mountpoint):  # checked first: a wedged mount is not even a directory
+            raise ValueError(f"mountpoint {self.mountpoint} is already a FUSE mount (guestfs umount it first)")
+        if not os.path.isdir(self.mountpoint):
+            raise ValueError(f"mountpoint {self.mountpoint} is not a directory")
+        if os.path.realpath(self.mountpoint) == os.path.realpath(self.source):
+            raise ValueError("source and mountpoint must differ")
+        if self.page_cache_pages < 1 or self.tmem_pages < 1:
+            raise ValueError("cache sizes must be at least one page")
+        _choice(self.abi, ABIS, "--abi")
+        _choice(self.fold, FOLDS, "--v0-fold")
+        _choice(self.host_spec, HOST_SPECS, "--host-spec")
+        _choice(self.binding, BINDINGS, "--fuse")
+        _choice(self.threads, THREADS, "--threads")
+        if not (0.0 <= self.attr_timeout <= 3600.0):
+            raise ValueError(f"--attr-timeout must be between 0 and 3600 seconds, got {self.attr_timeout}")
+        if self.server is not None and not self.server.startswith(("tcp:", "unix:")):
+            raise ValueError(f"--server must look like tcp:HOST:PORT or unix:PATH, got {self.server!r}")
+
+    def to_args(self) -> list[str]:
+        """The ``guestfs mount`` options (without SOURCE/MOUNTPOINT) that recreate this config."""
+        args = [
+            "--page-cache", str(self.page_cache_pages * PAGE_SIZE), "--tmem", str(self.tmem_pages * PAGE_SIZE),
+            "--abi", self.abi, "--v0-fold", self.fold, "--host-spec", self.host_spec, "--fuse", self.binding,
+            "--attr-timeout", repr(self.attr_timeout), "--threads", self.threads,
+        ]
+        args += ["--compress"] * self.compress + ["--ro"] * self.read_only
+        args += ["--server", self.server] if self.server is not None else []
+        args += ["-o", ",".join(self.fuse_options)] if self.fuse_options else []
+        return args
+
+    def stack_config(self) -> StackConfig:
+        from guestfs.stack import StackConfig  # lazy: keeps `guestfs.config` importable on its own
+
+        return StackConfig(
+            page_cache_pages=self.page_cache_pages,
+            tmem_pages=self.tmem_pages,
+            abi=self.abi,
+            fold=self.fold,
+            compress=self.compress,
+            host_spec=self.host_spec,
+            server=self.server,
+        )
+
+
+def is_fuse_mount(path: str) -> bool:
+    """True when /proc/mounts lists a fuse filesystem at ``path`` (a wedged mount still counts).
+
+    Reads /proc/mounts instead of calling stat, which would hang or fail on a wedged mount.
+    """
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) >= 3 and _unescape_mount_path(fields[1]) == target:
+                    return fields[2].startswith("fuse")
+    except FileNotFoundError:
+        return False
+    return False
+
+
+def _unescape_mount_path(field_text: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as octal (\\040 etc.)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)

@@ -1,0 +1,243 @@
+"""``guestfs lab``: trace-driven hit-rate experiments (simulate, mrc, hitrate, keying, live).
+
+Sizes are in pages (a bare number) or bytes with a K/M/G suffix (converted to 4 KiB pages).
+Errors in user input print one line and exit 1 (bad trace) or 2 (bad option); no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+PAGE_BYTES = 4096
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt])(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_pages(text: str) -> int:
+    """ "1000" -> 1000 pages; "64M" -> 16384 pages (bytes rounded up to whole 4 KiB pages)."""
+    stripped = text.strip()
+    if stripped.isdigit():
+        return int(stripped)
+    match = _SIZE.match(stripped)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: pages, or bytes with a K/M/G suffix")
+    return math.ceil(int(match.group(1)) * _UNITS[match.group(2).lower()] / PAGE_BYTES)
+
+
+def parse_page_list(text: str) -> list[int] | str:
+    """ "a,b,c" sizes, or "auto"."""
+    if text.strip() == "auto":
+        return "auto"
+    return [parse_pages(part) for part in text.split(",") if part.strip()]
+
+
+def parse_weights(text: str) -> list[int]:
+    try:
+        weights = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid weights {text!r}: comma-separated integers") from None
+    if not weights or min(weights) < 1:
+        raise argparse.ArgumentTypeError("weights must be positive integers")
+    return weights
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_trace_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    from .traces import FORMATS
+
+    parser.add_argument("--trace", type=Path, required=required, action="append" if not required else None,
+                        help="trace file (LIRS, ARC .lis, oracleGeneral .bin, CloudPhysics or MSR CSV; .gz/.xz/.zst)")
+    parser.add_argument("--format", choices=FORMATS, default=None, help="trace format (default: detected)")
+    parser.add_argument("--include-writes", action="store_true",
+                        help="CSV traces: replay writes as reads of the same pages (default: reads only)")
+    parser.add_argument("--limit", type=int, default=None, help="replay only the first N page requests")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guestfs lab", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", formatter_class=_Formatter,
+                         help="replay a trace through page cache + tmem; one row per --tmem size",
+                         description="Replay a trace of page reads through the real first-chance page cache, "
+                         "cleancache frontend, in-process transport and tmemcore host (engine 'stack'), or the "
+                         "reference OrderedDict model ('model'), or the exact LRU-curve fast path ('fast').")
+    _add_trace_options(sim)
+    sim.add_argument("--page-cache", type=parse_pages, default=1000, help="first-chance cache size")
+    sim.add_argument("--tmem", type=parse_pages, action="append", default=None,
+                     help="tmem host size (repeat for several configurations; default 0)")
+    sim.add_argument("--engine", choices=("stack", "model", "fast"), default="stack", help="what replays the trace")
+    sim.add_argument("--opt", action="store_true", help="add the Belady bound at page-cache + tmem pages")
+    sim.add_argument("--abi", choices=("v1", "v0", "auto"), default="v1", help="cleancache ABI (stack engine)")
+    sim.add_argument("--fold", choices=("xxh64", "ino"), default="xxh64", help="v0 oid fold (stack engine)")
+    sim.add_argument("--compress", action="store_true", help="host compresses pages (stack engine)")
+    sim.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sim.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    mrc = sub.add_parser("mrc", formatter_class=_Formatter, help="exact LRU miss-ratio curve of a trace",
+                         description="Print (and with --out write CSV/JSON/PNG) the exact LRU hit/miss-ratio curve.")
+    _add_trace_options(mrc)
+    mrc.add_argument("--sizes", type=parse_page_list, default="auto", help="cache sizes a,b,c or auto (log-spaced)")
+    mrc.add_argument("--opt", action="store_true", help="add Belady at the same sizes")
+    mrc.add_argument("--out", type=Path, default=None, help="directory for CSV/JSON/PNG (default: print only)")
+    mrc.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mrc.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    hit = sub.add_parser("hitrate", formatter_class=_Formatter, help="tmem-size sweep, exclusive vs shared, clients",
+                         description="Miss-ratio curves over tmem sizes behind a fixed page cache: no-tmem baseline, "
+                         "Belady bound, exclusive (private pool) vs non-exclusive (shared pool) second chance; "
+                         "with --clients K, K guests share one host budget with --weights.")
+    _add_trace_options(hit, required=False)
+    hit.add_argument("--page-cache", type=parse_pages, default=1000, help="first-chance cache size per guest")
+    hit.add_argument("--tmem-sizes", type=parse_page_list, default="auto", help="tmem sizes a,b,c or auto")
+    hit.add_argument("--clients", type=int, default=1, help="guests sharing one tmem host")
+    hit.add_argument("--weights", type=parse_weights, default=None, help="client weights 1,2,... (default all 1)")
+    hit.add_argument("--engine", choices=("stack", "model"), default="stack",
+                     help="exclusive curve replayed through the real stack (checked against the fast path) or model")
+    hit.add_argument("--no-opt", action="store_true", help="skip the Belady bound")
+    hit.add_argument("--seed", type=int, default=1, help="seed of the synthetic trace used when no --trace is given")
+    hit.add_argument("--out", type=Path, default=None, help="output directory (default ./results/hitrate)")
+    hit.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    key = sub.add_parser("keying", formatter_class=_Formatter, help="v0-vs-v1 file keying comparison",
+                         description="(a) keys of real file trees: handle types/sizes, collisions of v1 and each "
+                         "v0 fold, inode reuse; --btrfs adds a btrfs image with two subvolumes; (b) --live runs the "
+                         "same reads through real mounts with --abi v1 and v0 (each fold).")
+    key.add_argument("--tree", type=Path, action="append", default=None, help="directory tree (repeatable; default /usr/share)")
+    key.add_argument("--btrfs", action="store_true", help="also study a btrfs image with subvolumes (needs root, loop)")
+    key.add_argument("--live", action="store_true", help="also read through live mounts (v1, v0-xxh64, v0-ino)")
+    key.add_argument("--limit", type=int, default=50_000, help="at most this many files per tree")
+    key.add_argument("--out", type=Path, default=None, help="output directory (default ./results/keying)")
+    key.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+    live = sub.add_parser("live", formatter_class=_Formatter, help="zipf workload through a real mount, tmem sweep",
+                          description="A seeded zipf read workload (fio when installed and --fio, else built in) "
+                          "through a real guestfs mount for each tmem size, with and without compression.")
+    live.add_argument("--source", type=Path, default=None, help="backing tree (default: a copy of text files from /usr/share)")
+    live.add_argument("--tmem-sizes", type=parse_page_list, default=[0, 1024, 4096], help="tmem sizes a,b,c")
+    live.add_argument("--page-cache", type=parse_pages, default=256, help="first-chance cache size")
+    live.add_argument("--compress", action="store_true", help="also run every size with host compression")
+    live.add_argument("--reads", type=int, default=4000, help="4 KiB reads per run")
+    live.add_argument("--files", type=int, default=200, help="files in the generated source tree")
+    live.add_argument("--fio", action="store_true", help="use fio (random_distribution=zipf) when installed")
+    live.add_argument("--seed", type=int, default=1, help="workload seed")
+    live.add_argument("--out", type=Path, default=None, help="output directory (default ./results/live)")
+    live.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    return parser
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace, path: Path):
+    from .traces import load_trace
+
+    trace = load_trace(path, args.format, include_writes=args.include_writes)
+    return trace.head(args.limit) if args.limit else trace
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .report import Progress, percent
+    from .simulate import simulate_configs
+
+    trace = _load(args, args.trace)
+    tmem_sizes = args.tmem or [0]
+    with Progress(trace.requests * len(tmem_sizes), f"simulate {trace.name}", quiet=args.quiet) as bar:
+        results = simulate_configs(
+            trace, args.page_cache, tmem_sizes, engine=args.engine, opt=args.opt,
+            abi=args.abi, fold=args.fold, compress=args.compress, progress=bar.callback,
+        )
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return 0
+    print(f"trace {trace.name} ({trace.format}): {trace.requests:,} page requests, engine {args.engine}")
+    header = f"{'page cache':>10} {'tmem':>8} {'requests':>10} {'pc hits':>9} {'tmem hits':>9} {'misses':>9} " \
+             f"{'hit %':>8} {'pc %':>8} {'tmem %':>8}{' belady %':>10} {'wrong B':>8} {'req/s':>10}"
+    print(header)
+    for r in results:
+        belady = percent(r.ratio(r.belady_hits)) if r.belady_hits is not None else "-"
+        print(f"{r.page_cache_pages:>10,} {r.tmem_pages:>8,} {r.requests:>10,} {r.page_cache_hits:>9,} "
+              f"{r.tmem_hits:>9,} {r.misses:>9,} {percent(r.hit_ratio):>8} {percent(r.ratio(r.page_cache_hits)):>8} "
+              f"{percent(r.ratio(r.tmem_hits)):>8}{belady:>10} {r.wrong_bytes:>8,} {r.requests_per_second:>10,.0f}")
+    return 0 if all(r.wrong_bytes == 0 for r in results) else 3
+
+
+def cmd_mrc(args: argparse.Namespace) -> int:
+    from .hitrate import mrc_experiment
+
+    trace = _load(args, args.trace)
+    rows = mrc_experiment(trace, args.sizes, opt=args.opt, out=args.out, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"trace {trace.name} ({trace.format}): {trace.requests:,} page requests")
+    print(f"{'size':>10} {'LRU hit %':>10} {'miss %':>8}" + (f" {'Belady %':>9}" if args.opt else ""))
+    for row in rows:
+        line = f"{row['size']:>10,} {100 * row['lru_hit_ratio']:>10.2f} {100 * (1 - row['lru_hit_ratio']):>8.2f}"
+        if args.opt:
+            line += f" {100 * row['belady_hit_ratio']:>9.2f}"
+        print(line)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_hitrate(args: argparse.Namespace) -> int:
+    from .hitrate import run_hitrate
+
+    out = args.out or Path("results") / "hitrate"
+    summary = run_hitrate(args, out)
+    print(summary)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_keying(args: argparse.Namespace) -> int:
+    from .keying import run_keying_experiment
+
+    out = args.out or Path("results") / "keying"
+    print(run_keying_experiment(args, out))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    from .live import run_live_experiment
+
+    out = args.out or Path("results") / "live"
+    print(run_live_experiment(args, out))
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "mrc": cmd_mrc, "hitrate": cmd_hitrate, "keying": cmd_keying, "live": cmd_live}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``guestfs lab``; returns the exit status."""
+    from .traces import TraceError
+
+    args = build_parser().parse_args(argv)
+    args.quiet = bool(getattr(args, "quiet", False))
+    try:
+        return COMMANDS[args.command](args)
+    except TraceError as exc:
+        print(f"guestfs lab: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"guestfs lab {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""PageIO: byte ranges <-> 4 KiB pages; the facade the FUSE handlers call.
+
+A read fstat()s the backing file, revalidates the file's cached pages against (size,
+mtime_ns, ctime_ns), then serves each page from the first-chance cache, else tmem, else one
+``pread`` per run of missing pages, and cuts the result at the current file size (tmem pages
+are zero-padded 4096-byte pages; bytes past EOF are never returned).
+
+Read-ahead: when a read starts where the file's previous read ended and its last page misses,
+up to ``readahead_pages`` following pages (not cached anywhere, before EOF) are read in the same
+``pread`` and cached, not returned. It is capped at 1/8 of the first-chance cache so prefetched
+pages are not pushed to tmem before use. Measured on cold sequential 4 KiB reads through PageIO
+(no FUSE): 15-40 % more throughput with 32 pages (6-12 vs 9-17 us per page).
+
+Coherence -- what is guaranteed:
+
+* Writes through PageIO go to the backing file first, then drop the touched pages (and the old
+  partial last page when the file grows) from the first-chance cache and FLUSH them in tmem,
+  then bump the file's generation and record the new validators.
+* Truncate and forget drop all of the file's pages (first-chance + FLUSH_OBJECT).
+* External changes behind the mount are noticed from size/mtime_ns/ctime_ns on every read
+  (fstat) and on ``revalidate`` (open); they drop all of the file's pages.
+* Read/write race: a reader that loaded pages from the backing file inserts them only if the
+  file's generation is unchanged since it revalidated (checked under the lock), so bytes read
+  before a concurrent write's invalidation are never cached after it.
+* Only clean pages (just read from the backing file, or got back from tmem) are ever cached or
+  put; a page is never in both the first-chance cache and tmem.
+
+What is NOT guaranteed: an external same-size rewrite within one timestamp tick (both mtime and
+ctime unchanged at ns resolution on the filesystem's coarse clock) is not detected; an external
+change that lands between a write's pwrite and its fstat is taken for our own write. The cache
+is as coherent as the validators, like NFS close-to-open, not like a local page cache.
+
+Thread-safe: one lock guards the caches and per-file state; backing I/O runs outside it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+
+from tmemcore.abi import PAGE_SHIFT, PAGE_SIZE
+
+from .cleancache import CleanCache
+from .filekey import FileKey
+from .pagecache import PageCache
+
+Validators = tuple[int, int, int]  # st_size, st_mtime_ns, st_ctime_ns
+
+
+class _FileState:
+    """Per-file validators and the generation that orders reads against invalidations."""
+
+    __slots__ = ("validators", "generation", "next_index")
+
+    def __init__(self, validators: Validators | None) -> None:
+        self.validators = validators
+        self.generation = 0
+        self.next_index = -1  # the page after the last read's end (sequential detection)
+
+
+def validators_of(st: os.stat_result) -> Validators:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def pread_full(fd: int, count: int, offset: int) -> bytes:
+    """Up to ``count`` bytes at ``offset`` (fewer only at EOF); loops over short reads."""
+    data = os.pread(fd, count, offset)
+    if len(data) == count or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < count:
+        more = os.pread(fd, count - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+class PageIO:
+    """Page-granular, coherent, thread-safe reads and writes over backing file descriptors."""
+
+    def __init__(self, page_cache_pages: int, cleancache: CleanCache, *, readahead_pages: int = 32) -> None:
+        if readahead_pages < 0:
+            raise ValueError(f"readahead_pages must be >= 0, got {readahead_pages}")
+        self.cleancache = cleancache
+        self.cache = PageCache(page_cache_pages, cleancache)
+        # Read ahead only into a first-chance cache big enough that prefetched pages are not
+        # evicted (put to tmem, then got back at twice the cost) before they are read.
+        self.readahead_pages = min(readahead_pages, page_cache_pages // 8)
+        self._lock = threading.Lock()
+        self._files: dict[FileKey, _FileState] = {}
+        self._keys_by_source: Counter[str] = Counter()
+        self.reads = 0
+        self.writes = 0
+        self.bytes_written = 0
+        self.backing_reads = 0
+        self.backing_bytes_read = 0
+        self.revalidate_drops = 0
+        self.stale_inserts_refused = 0
+        self.readahead_loaded = 0
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def read(self, key: FileKey, fd: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``, never past the current EOF."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"read needs offset >= 0 and size >= 0, got offset={offset} size={size}")
+        st = os.fstat(fd)
+        file_size = st.st_size
+        end = min(offset + size, file_size)
+        if offset >= end:
+            with self._lock:
+                self._revalidate_locked(key, st)
+            return b""
+        first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
+        with self._lock:
+            self.reads += 1
+            state = self._revalidate_locked(key, st)
+            generation = state.generation
+            pages = [self._cached_page(key, index, file_size) for index in range(first, last + 1)]
+            wanted = len(pages)
+            if pages[-1] is None and first == state.next_index:  # a sequential reader missed
+                pages.extend(None for _ in self._readahead_indexes(key, last + 1, file_size))
+            state.next_index = last + 1
+        if None in pages:
+            self._fill_from_backing(key, fd, state, generation, first, pages, wanted)
+            del pages[wanted:]
+        return _assemble(pages, first, offset, end)
+
+    def _readahead_indexes(self, key: FileKey, start: int, file_size: int) -> range:
+        """The pages after ``start`` worth reading ahead: up to EOF, none already cached anywhere."""
+        stop = min(start + self.readahead_pages, (file_size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        for index in range(start, stop):
+            if self.cache.has_page(key, index) or self.cleancache.holds(key, index):
+                return range(start, index)
+        return range(start, max(start, stop))
+
+    def _cached_page(self, key: FileKey, index: int, file_size: int) -> bytes | None:
+        data, _ = self.cache.lookup(key, index)
+        if data is not None and len(data) < min(PAGE_SIZE, file_size - (index << PAGE_SHIFT)):
+            self.cache.discard(key, index)  # a short last page from before the file grew
+            return None
+        return data
+
+    def _fill_from_backing(
+        self,
+        key: FileKey,
+        fd: int,
+        state: _FileState,
+        generation: int,
+        first: int,
+        pages: list[bytes | None],
+        wanted: int,
+    ) -> None:
+        """pread each run of missing pages (outside the lock), then cache them if still current.
+
+        ``pages[wanted:]`` are read-ahead pages: cached, not returned.
+        """
+        loaded: list[tuple[int, bytes]] = []
+        preads = bytes_read = 0
+        position = 0
+        while position < len(pages):
+            if pages[position] is not None:
+                position += 1
+                continue
+            run_end = position
+            while run_end < len(pages) and pages[run_end] is None:
+                run_end += 1
+            start_index = first + position
+            data = pread_full(fd, (run_end - position) << PAGE_SHIFT, start_index << PAGE_SHIFT)
+            preads += 1
+            bytes_read += len(data)
+            for slot in range(position, run_end):
+                chunk = data[(slot - position) << PAGE_SHIFT : (slot - position + 1) << PAGE_SHIFT]
+                pages[slot] = chunk
+                if chunk:
+                    loaded.append((first + slot, chunk))
+            position = run_end
+        with self._lock:
+            self.backing_reads += preads
+            self.backing_bytes_read += bytes_read
+            self.readahead_loaded += len(pages) - wanted
+            if self._files.get(key) is not state or state.generation != generation:
+                self.stale_inserts_refused += len(loaded)
+                return
+            for index, chunk in loaded:
+                self.cache.insert(key, index, chunk)
+
+    # --- writes and invalidation -------------------------------------------------------------
+
+    def write(self, key: FileKey, fd: int, data: bytes, offset: int) -> int:
+        """Write through to the backing file, then make the caches forget what it touched."""
+        if offset < 0:
+            raise ValueError(f"write needs offset >= 0, got {offset}")
+        before = os.fstat(fd)
+        with self._lock:
+            old_size = self._revalidate_locked(key, before).validators[0]  # type: ignore[index]
+        written = 0
+        view = memoryview(data)
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], offset + written)
+        after = os.fstat(fd)
+        with self._lock:
+            self.writes += 1
+            self.bytes_written += written
+            state = self._state_locked(key, after)
+            if written:
+                touched = range(offset >> PAGE_SHIFT, ((offset + written - 1) >> PAGE_SHIFT) + 1)
+                for index in touched:
+                    self._drop_page_locked(key, index)
+            if after.st_size > old_size and old_size % PAGE_SIZE:
+                self._drop_page_locked(key, old_size >> PAGE_SHIFT)  # its cached copy is short
+            state.generation += 1
+            state.validators = validators_of(after)
+        return written
+
+    def truncate(self, key: FileKey, length: int) -> None:
+        """After the backing file was truncated to ``length``: drop all of the file's pages."""
+        if length < 0:
+            raise ValueError(f"truncate needs length >= 0, got {length}")
+        with self._lock:
+            state = self._files.get(key)
+            self._drop_file_locked(key)
+            if state is not None:
+                state.validators = None  # the next read adopts the new stat without a drop
+
+    def forget(self, key: FileKey) -> None:
+        """The file's last link is gone (or renamed over): drop its pages and state."""
+        with self._lock:
+            self._drop_file_locked(key)
+            self._files.pop(key, None)
+
+    def revalidate(self, key: FileKey, st: os.stat_result) -> None:
+        """Drop the file's pages if size, mtime_ns or ctime_ns changed since they were cached."""
+        with self._lock:
+            self._revalidate_locked(key, st)
+
+    def close(self) -> None:
+        """Drop everything and destroy the tmem pool (DESTROY_POOL)."""
+        with self._lock:
+            self.cache.clear()
+            for state in self._files.values():
+                state.generation += 1
+            self._files.clear()
+            self.cleancache.invalidate_fs()
+
+    # --- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int | str]:
+        with self._lock:
+            out: dict[str, int | str] = {
+                "reads": self.reads,
+                "writes": self.writes,
+                "bytes_written": self.bytes_written,
+                "page_cache_hits": self.cache.hits,
+                "page_cache_misses": self.cache.misses,
+                "page_cache_evictions": self.cache.evictions,
+                "page_cache_pages": len(self.cache),
+                "page_cache_capacity": int(self.cache.maxsize),
+                "backing_reads": self.backing_reads,
+                "backing_bytes_read": self.backing_bytes_read,
+                "revalidate_drops": self.revalidate_drops,
+                "stale_inserts_refused": self.stale_inserts_refused,
+                "readahead_loaded": self.readahead_loaded,
+                "files": len(self._files),
+            }
+            for source, count in sorted(self._keys_by_source.items()):
+                out[f"keys_{source}"] = count
+            out.update(self.cleancache.stats())
+            return out
+
+    def check(self) -> None:
+        with self._lock:
+            self.cache.check()
+            self.cleancache.check()
+            for key in self.cache.cached_files():
+                assert key in self._files, f"cached page of {key} without file state"
+            for key in self.cleancache.tracked_keys():
+                assert key in self._files, f"tmem page of {key} without validators to check it against"
+
+    # --- internals (caller holds the lock) -----------------------------------------------------
+
+    def _state_locked(self, key: FileKey, st: os.stat_result) -> _FileState:
+        state = self._files.get(key)
+        if state is None:
+            state = self._files[key] = _FileState(validators_of(st))
+            self._keys_by_source[key.source] += 1
+        return state
+
+    def _revalidate_locked(self, key: FileKey, st: os.stat_result) -> _FileState:
+        state = self._state_locked(key, st)
+        current = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if state.validators != current:
+            if state.validators is not None:
+                self.revalidate_drops += 1
+                self._drop_file_locked(key)
+            state.validators = current
+        return state
+
+    def _drop_page_locked(self, key: FileKey, index: int) -> None:
+        self.cache.discard(key, index)
+        self.cleancache.invalidate_page(key, index)
+
+    def _drop_file_locked(self, key: FileKey) -> None:
+        self.cache.discard_file(key)
+        self.cleancache.invalidate_inode(key)
+        state = self._files.get(key)
+        if state is not None:
+            state.generation += 1
+
+
+def _assemble(pages: list[bytes | None], first: int, offset: int, end: int) -> bytes:
+    """The bytes [offset, end) from consecutive pages starting at page ``first``.
+
+    Stops at the first page shorter than the range needs (the file shrank under a read).
+    """
+    base = first << PAGE_SHIFT
+    if len(pages) == 1:
+        page = pages[0] or b""
+        return page[offset - base : end - base]
+    parts = []
+    for slot, page in enumerate(pages):
+        page = page or b""
+        page_start = base + (slot << PAGE_SHIFT)
+        lo = max(offset, page_start) - page_start
+        hi = min(end, page_start + PAGE_SIZE) - page_start
+        parts.append(page[lo:hi])
+        if len(page) < hi:
+            break
+    return b"".join(parts)

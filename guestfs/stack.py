@@ -1,0 +1,110 @@
+"""Build the whole guest cache stack: host (embedded or tmemd) -> transport -> CleanCache -> PageIO.
+
+Used by the mount, the lab and the demo::
+
+    stack = build_stack(StackConfig(page_cache_pages=256, tmem_pages=16384, abi="auto"))
+    data = stack.pageio.read(key, fd, 0, 4096)
+    stack.close()                        # DESTROY_POOL, close the transport
+
+``host_spec`` picks the embedded host's ABI: ``v1`` (a Xen 4.0.2+/4.1 host), ``v0`` (a Xen
+4.0.0/4.0.1 host), ``both`` (accepts v0 and v1 per client), ``auto`` (a v1 host that also
+accepts v0 when ``abi == "v0"``, so ``--abi v0`` works out of the box).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tmemcore
+from tmemcore.abi import SPEC_V0, SPEC_V1
+
+from .cleancache import ABIS, FOLDS, CleanCache
+from .pageio import PageIO
+from .transport import InProcessTransport, SocketTransport, Transport
+
+HOST_SPECS = ("v0", "v1", "both", "auto")
+
+
+@dataclass
+class StackConfig:
+    page_cache_pages: int = 256  # first-chance cache (pages)
+    tmem_pages: int = 16384  # embedded host budget (pages)
+    abi: str = "v1"  # v1 | v0 | auto
+    fold: str = "xxh64"  # xxh64 | ino
+    compress: bool = False  # the embedded host compresses this client's pages (ignored with a server)
+    host_spec: str = "auto"  # v0 | v1 | both | auto
+    server: str | None = None  # tmemd address ("tcp:127.0.0.1:PORT" | "unix:PATH"); None = embedded
+    client_id: int = 1
+    readahead_pages: int = 32  # sequential read-ahead (capped at page_cache_pages // 8)
+
+    def validate(self) -> None:
+        """Raise ValueError (one line) for a bad setting."""
+        if self.page_cache_pages < 1:
+            raise ValueError(f"page_cache_pages must be >= 1, got {self.page_cache_pages}")
+        if self.tmem_pages < 1:
+            raise ValueError(f"tmem_pages must be >= 1, got {self.tmem_pages}")
+        if self.abi not in ABIS:
+            raise ValueError(f"abi must be one of {', '.join(ABIS)}, got {self.abi!r}")
+        if self.fold not in FOLDS:
+            raise ValueError(f"fold must be one of {', '.join(FOLDS)}, got {self.fold!r}")
+        if self.host_spec not in HOST_SPECS:
+            raise ValueError(f"host_spec must be one of {', '.join(HOST_SPECS)}, got {self.host_spec!r}")
+        if self.readahead_pages < 0:
+            raise ValueError(f"readahead_pages must be >= 0, got {self.readahead_pages}")
+        if not 0 < self.client_id < 0xFFFF:
+            raise ValueError(f"client_id must be in 1..65534, got {self.client_id}")
+
+
+class Stack:
+    """The assembled guest stack; ``tmem`` is None when the host is a tmemd server."""
+
+    def __init__(self, config: StackConfig, pageio: PageIO, transport: Transport, tmem: tmemcore.Tmem | None) -> None:
+        self.config = config
+        self.pageio = pageio
+        self.cleancache = pageio.cleancache
+        self.transport = transport
+        self.tmem = tmem
+
+    def stats(self) -> dict[str, object]:
+        """PageIO + cleancache counters, plus the embedded host's own stats under "host"."""
+        out: dict[str, object] = dict(self.pageio.stats())
+        out["server"] = self.config.server or ""
+        if self.tmem is not None:
+            out["host"] = self.tmem.stats()
+        return out
+
+    def check(self) -> None:
+        self.pageio.check()
+        if self.tmem is not None:
+            self.tmem.check()
+
+    def close(self) -> None:
+        """DESTROY_POOL and close the transport. Idempotent."""
+        self.pageio.close()
+        self.transport.close()
+
+
+def embedded_host(config: StackConfig) -> tmemcore.Tmem:
+    spec = config.host_spec
+    if spec == "auto":
+        spec = "both" if config.abi == "v0" else "v1"
+    if spec == "both":
+        return tmemcore.Tmem(config.tmem_pages, accept_v0=True, spec_version=SPEC_V1, compress=config.compress)
+    version = SPEC_V0 if spec == "v0" else SPEC_V1
+    return tmemcore.Tmem(config.tmem_pages, spec_version=version, compress=config.compress)
+
+
+def build_stack(config: StackConfig) -> Stack:
+    """Host, transport, CleanCache (pool created now) and PageIO, per ``config``."""
+    config.validate()
+    tmem: tmemcore.Tmem | None = None
+    transport: Transport
+    if config.server is None:
+        tmem = embedded_host(config)
+        transport = InProcessTransport(tmem, config.client_id)
+    else:
+        transport = SocketTransport(config.server, config.client_id)
+    cleancache = CleanCache(transport, abi=config.abi, fold=config.fold, max_tracked_pages=max(4 * config.tmem_pages, 1024))
+    cleancache.init_fs()
+    pageio = PageIO(config.page_cache_pages, cleancache, readahead_pages=config.readahead_pages)
+    return Stack(config, pageio, transport, tmem)

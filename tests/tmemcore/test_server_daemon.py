@@ -1,0 +1,206 @@
+"""tmemd for real: a subprocess on loopback, driven through RemoteTmem and tmemctl."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tmemcore import abi
+from tmemcore.cli import main as tmemctl
+from tmemcore.savestream import decode_stream, restore_client
+from tmemcore.tmem import Tmem
+from tmemcore.wire import RemoteTmem
+
+pytestmark = pytest.mark.timeout(60)
+START_TIMEOUT = 20.0
+PAGE = bytes(range(256)) * 16
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[str]
+    address: str
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=10)
+
+
+def start_tmemd(tmp_path: Path, *args: str, listen: str = "tcp:127.0.0.1:0") -> Daemon:
+    ready = tmp_path / "ready"
+    log = tmp_path / "tmemd.log"
+    ready.unlink(missing_ok=True)
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tmemcore.server", "--listen", listen, "--memory", "1M",
+             "--ready-file", str(ready), *args],
+            stdout=subprocess.PIPE, stderr=log_file, text=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while not ready.exists():  # poll the ready file with a deadline (no fixed sleep)
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"tmemd did not start: {log.read_text()}")
+        time.sleep(0.02)
+    return Daemon(process, ready.read_text().strip(), log)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    running = start_tmemd(tmp_path)
+    try:
+        yield running
+    finally:
+        running.process.kill()
+        running.process.wait(timeout=10)
+
+
+def new_pool(remote: RemoteTmem, persistent: bool = False, version: int = abi.SPEC_V1) -> int:
+    flags = abi.pool_flags(persistent=persistent, version=version)
+    return remote.do_tmem_op(abi.new_pool_record(flags, version=version))
+
+
+def test_new_pool_put_get_over_tcp(daemon: Daemon):
+    assert daemon.address.startswith("tcp:127.0.0.1:")
+    with RemoteTmem(daemon.address, 1) as remote:
+        pool = new_pool(remote)
+        assert pool == 0
+        assert remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, pool, 42, 3), bytearray(PAGE)) == 1
+        page = bytearray(abi.PAGE_SIZE)
+        assert remote.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, pool, 42, 3), page) == 1
+        assert page == PAGE
+        # private ephemeral get is exclusive: the second get misses (on an empty pool: -EEMPTY)
+        assert remote.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, pool, 42, 3), page) == -1001
+        assert remote.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, 9, 42, 3), page) == -19  # ENODEV
+
+
+def test_clients_are_separate_connections(daemon: Daemon):
+    with RemoteTmem(daemon.address, 1) as one, RemoteTmem(daemon.address, 2) as two:
+        assert new_pool(one, persistent=True) == 0 and new_pool(two, persistent=True) == 0
+        assert one.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1, 1), bytearray(PAGE)) == 1
+        page = bytearray(abi.PAGE_SIZE)
+        assert two.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, 0, 1, 1), page) == -1001
+        assert one.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, 0, 1, 1), page) == 1
+
+
+def test_control_from_a_guest_is_refused(daemon: Daemon):
+    with RemoteTmem(daemon.address, 3) as guest:
+        assert guest.do_tmem_op(abi.control_record(abi.TMEMC_FREEZE, 3)) == -1  # EPERM
+
+
+def test_killed_server_gives_a_quick_transport_error(daemon: Daemon):
+    remote = RemoteTmem(daemon.address, 1, timeout=2.0)
+    assert new_pool(remote) == 0
+    daemon.process.kill()
+    daemon.process.wait(timeout=10)
+    started = time.monotonic()
+    with pytest.raises((ConnectionError, OSError)):
+        remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1, 1), bytearray(PAGE))
+    with pytest.raises((ConnectionError, OSError)):  # reconnect attempt fails fast too
+        remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1, 1), bytearray(PAGE))
+    assert time.monotonic() - started < 2.0
+    remote.close()
+
+
+def test_sigterm_is_a_clean_shutdown_and_removes_the_unix_socket(tmp_path: Path):
+    socket_path = tmp_path / "tmemd.sock"
+    running = start_tmemd(tmp_path, listen=f"unix:{socket_path}")
+    try:
+        assert running.address == f"unix:{socket_path}"
+        with RemoteTmem(running.address, 1) as remote:
+            assert new_pool(remote) == 0
+            assert running.stop() == 0
+        assert not socket_path.exists()
+        assert "shutting down" in running.log.read_text()
+    finally:
+        running.process.kill()
+        running.process.wait(timeout=10)
+
+
+def test_garbage_does_not_kill_the_server(daemon: Daemon):
+    import socket
+
+    host, port = daemon.address.removeprefix("tcp:").rsplit(":", 1)
+    for junk in (b"\xff\xff\xff\xff", b"\x05\x00\x00\x00hello", b"GET / HTTP/1.0\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                assert sock.recv(64) == b""  # closed by the server...
+            except ConnectionResetError:
+                pass  # ...or reset, when it closed with our junk still unread
+    with RemoteTmem(daemon.address, 1) as remote:
+        assert new_pool(remote) == 0
+    assert daemon.process.poll() is None
+    assert "malformed frame" in daemon.log.read_text()
+
+
+def test_v0_guest_on_an_accept_v0_daemon(tmp_path: Path):
+    running = start_tmemd(tmp_path, "--accept-v0")
+    try:
+        with RemoteTmem(running.address, 5) as remote:
+            assert new_pool(remote, persistent=True, version=0) == 0
+            assert remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 7, 1, version=0), bytearray(PAGE)) == 1
+            page = bytearray(abi.PAGE_SIZE)
+            assert remote.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, 0, 7, 1, version=0), page) == 1
+            assert page == PAGE
+    finally:
+        running.process.kill()
+        running.process.wait(timeout=10)
+
+
+def test_bad_arguments_exit_cleanly():
+    result = subprocess.run(
+        [sys.executable, "-m", "tmemcore.server", "--listen", "tcp:nowhere", "--memory", "1M"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and "bad address" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ tmemctl against tmemd
+
+
+def test_tmemctl_list_freeze_thaw_save(daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with RemoteTmem(daemon.address, 7) as guest:
+        assert new_pool(guest, persistent=True) == 0
+        assert guest.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1 << 70, 2), bytearray(PAGE)) == 1
+        server = ["--server", daemon.address]
+        assert tmemctl([*server, "freeze", "7"]) == 0
+        assert guest.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 5, 5), bytearray(PAGE)) == -1000  # EFROZEN
+        assert tmemctl([*server, "list", "--long"]) == 0
+        out = capsys.readouterr().out
+        assert "C=CI:7" in out and "fr:1" in out and "P=CI:7,PI:0,PT:PP" in out
+        assert tmemctl([*server, "thaw", "7"]) == 0
+        stream = tmp_path / "client7.tmem"
+        assert tmemctl([*server, "save", "7", str(stream)]) == 0
+        image = decode_stream(stream.read_bytes())
+        assert image.pools[0].pages == [(1 << 70, 2, PAGE)]
+        host = Tmem(memory_pages=4)
+        restore_client(host, 7, io.BytesIO(stream.read_bytes()))
+        assert host.client(7).handle(0).get(1 << 70, 2) == PAGE
+        assert tmemctl([*server, "freeze", "999"]) == 1  # no such client
+        assert "failed" in capsys.readouterr().err
+
+
+def test_tmemctl_reports_an_unreachable_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert tmemctl(["--server", f"unix:{tmp_path}/none.sock", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tmemctl: ") and err.count("\n") == 1
+
+
+def test_daemon_process_is_gone_after_stop(tmp_path: Path):
+    running = start_tmemd(tmp_path)
+    assert running.stop() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(running.process.pid, 0)

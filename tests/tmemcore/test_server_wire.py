@@ -1,0 +1,220 @@
+"""The wire protocol and TmemServer in-process, against a recording test-double host."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tmemcore import abi, wire
+from tmemcore.server import TmemServer, answer, parse_size
+from tmemcore.wire import RemoteTmem
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class EchoHost:
+    """Records calls; GET fills the page with the client id byte and hits; CONTROL writes "ok"."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, bytes, bytes | None]] = []
+        self.lock = threading.Lock()
+
+    def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | None = None) -> int:
+        with self.lock:
+            self.calls.append((client_id, bytes(op), None if page is None else bytes(page)))
+        (cmd,) = struct.unpack_from("<I", op)
+        if cmd == abi.TMEM_GET_PAGE:
+            (index,) = struct.unpack_from("<I", op, 32)
+            if index == 0:
+                return abi.RC_MISS
+            page[:] = bytes([client_id]) * len(page)
+            return abi.RC_HIT
+        if cmd == abi.TMEM_CONTROL and page is not None:
+            page[:2] = b"ok"
+            return 0
+        if cmd == abi.TMEM_PUT_PAGE:
+            return abi.RC_HIT
+        return -38
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    host = EchoHost()
+    server = TmemServer(host, "tcp:127.0.0.1:0")
+    address = server.start()
+    try:
+        yield host, server, address
+    finally:
+        server.stop()
+
+
+def get_record(index: int) -> bytes:
+    return abi.gen_record(abi.TMEM_GET_PAGE, 0, 5, index)
+
+
+# ---------------------------------------------------------------- pure codec
+
+
+def test_addresses_parse_and_print_back():
+    assert str(wire.parse_address("tcp:127.0.0.1:7077")) == "tcp:127.0.0.1:7077"
+    assert str(wire.parse_address("tcp:[::1]:1")) == "tcp:[::1]:1"
+    assert str(wire.parse_address("unix:/run/tmemd.sock")) == "unix:/run/tmemd.sock"
+    for bad in ("", "tcp:localhost", "tcp:host:99999", "unix:", "http://x"):
+        with pytest.raises(ValueError, match="bad address"):
+            wire.parse_address(bad)
+
+
+def test_request_round_trip_and_buffer_modes():
+    put = abi.gen_record(abi.TMEM_PUT_PAGE, 1, 2, 3)
+    page = bytearray(b"x" * abi.PAGE_SIZE)
+    request = wire.decode_request(wire.encode_request(put, page))
+    assert (request.op, request.mode, request.buffer) == (put, wire.BUF_SEND, page)
+    get = wire.encode_request(get_record(1), bytearray(abi.PAGE_SIZE))
+    assert len(get) == 6 + 56  # GET sends the size, not 4 KiB of stale bytes
+    assert wire.decode_request(get).buffer == bytearray(abi.PAGE_SIZE)
+    assert wire.decode_request(wire.encode_request(put, None)).buffer is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x01", struct.pack("<BBI", 9, 56, 0) + bytes(56), struct.pack("<BBI", 1, 56, 10) + bytes(56),
+     struct.pack("<BBI", 0, 56, 5) + bytes(56), struct.pack("<BBI", 2, 200, 0) + bytes(200)],
+)
+def test_inconsistent_requests_are_protocol_errors(payload: bytes):
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_request(payload)
+
+
+def test_answer_returns_the_buffer_only_when_the_host_wrote_it():
+    host = EchoHost()
+    hit = wire.decode_response(answer(host, 7, wire.encode_request(get_record(1), bytearray(8))))
+    assert hit == (1, b"\x07" * 8)
+    miss = wire.decode_response(answer(host, 7, wire.encode_request(get_record(0), bytearray(8))))
+    assert miss == (0, None)
+    put = abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1, 1)
+    assert wire.decode_response(answer(host, 7, wire.encode_request(put, bytearray(8)))) == (1, None)
+    assert host.calls[-1] == (7, put, bytes(8))
+
+
+def test_hello_rejects_foreign_bytes():
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_hello(b"GET / HTTP/1.1\r\n")
+    assert wire.decode_hello(wire.encode_hello(3)) == 3
+    with pytest.raises(ValueError):
+        wire.encode_hello(70000)
+
+
+def test_parse_size():
+    assert parse_size("64M") == 64 << 20 and parse_size("4096") == 4096 and parse_size("1GiB") == 1 << 30
+    with pytest.raises(ValueError, match="bad size"):
+        parse_size("lots")
+
+
+# ---------------------------------------------------------------- live server
+
+
+def test_remote_get_fills_the_page_in_place(served):
+    host, server, address = served
+    remote = RemoteTmem(address, 4)
+    try:
+        page = bytearray(abi.PAGE_SIZE)
+        assert remote.do_tmem_op(get_record(1), page) == 1
+        assert page == b"\x04" * abi.PAGE_SIZE
+        untouched = bytearray(b"z" * abi.PAGE_SIZE)
+        assert remote.do_tmem_op(get_record(0), untouched) == 0
+        assert untouched == b"z" * abi.PAGE_SIZE
+        assert remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1, 1), bytearray(b"p" * 4096)) == 1
+        assert host.calls[-1][0] == 4 and host.calls[-1][2] == b"p" * 4096
+        remote.check()
+    finally:
+        remote.close()
+
+
+def test_control_buffer_comes_back(served):
+    _, _, address = served
+    with RemoteTmem(address, 0) as remote:
+        buf = bytearray(16)
+        assert remote.do_tmem_op(abi.control_record(abi.TMEMC_LIST, arg1=16), buf) == 0
+        assert buf[:2] == b"ok"
+
+
+def test_malformed_frame_drops_only_that_connection(served):
+    host, server, address = served
+    parsed = wire.parse_address(address)
+    with socket.create_connection(parsed.sockaddr, timeout=5) as bad:
+        bad.sendall(struct.pack("<I", wire.MAX_PAYLOAD + 1))
+        assert bad.recv(16) == b""  # the server closed it
+    with socket.create_connection(parsed.sockaddr, timeout=5) as bad:
+        wire.send_frame(bad, b"not a hello at all")
+        assert bad.recv(16) == b""
+    with RemoteTmem(address, 2) as remote:  # the server still serves others
+        assert remote.do_tmem_op(get_record(1), bytearray(4)) == 1
+    server.check()
+
+
+def test_many_threads_share_one_remote(served):
+    host, _, address = served
+    remote = RemoteTmem(address, 9)
+    results: list[int] = []
+
+    def worker() -> None:
+        for _ in range(20):
+            page = bytearray(64)
+            results.append(remote.do_tmem_op(get_record(1), page))
+            assert page == b"\x09" * 64
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    remote.close()
+    assert results == [1] * 80
+
+
+def test_stopped_server_gives_a_quick_transport_error_then_reconnects(tmp_path: Path):
+    host = EchoHost()
+    socket_path = tmp_path / "tmemd.sock"
+    server = TmemServer(host, f"unix:{socket_path}")
+    address = server.start()
+    remote = RemoteTmem(address, 1, timeout=2.0)
+    assert remote.do_tmem_op(get_record(1), bytearray(4)) == 1
+    server.stop()
+    assert not socket_path.exists()
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        remote.do_tmem_op(get_record(1), bytearray(4))
+    assert time.monotonic() - started < 1.5
+    assert not remote.connected
+    server = TmemServer(host, f"unix:{socket_path}")
+    server.start()
+    try:
+        assert remote.do_tmem_op(get_record(1), bytearray(4)) == 1  # lazily reconnected
+    finally:
+        remote.close()
+        server.stop()
+
+
+def test_unix_listen_refuses_to_clobber_a_regular_file(tmp_path: Path):
+    path = tmp_path / "not-a-socket"
+    path.write_text("keep me")
+    with pytest.raises(FileExistsError):
+        TmemServer(EchoHost(), f"unix:{path}").start()
+    assert path.read_text() == "keep me"
+
+
+def test_silent_server_times_out(tmp_path: Path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        remote = RemoteTmem(f"tcp:127.0.0.1:{port}", 1, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            remote.do_tmem_op(get_record(1), bytearray(4))  # connect succeeds, no welcome ever comes
+        assert time.monotonic() - started < 2

@@ -1,0 +1,260 @@
+"""tmemctl: inspect and convert save streams; list/freeze/thaw clients of a running tmemd.
+
+    tmemctl stream inspect FILE [--json]
+    tmemctl stream convert --to v0|v1 IN OUT
+    tmemctl --server ADDR list [--long]
+    tmemctl --server ADDR freeze|thaw CLIENT
+    tmemctl --server ADDR save CLIENT FILE [--live]
+
+Exit status: 0 ok, 1 bad data or a failed operation, 2 bad usage. Errors are one line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import abi, savestream
+from .errors import StreamError
+
+EXIT_OK = 0
+EXIT_DATA = 1
+EXIT_USAGE = 2
+LIST_BUFFER = 1 << 20
+
+
+class UsageError(Exception):
+    """Bad command-line input that argparse could not catch (exit 2)."""
+
+
+# ====================================================================== parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tmemctl",
+        description="Inspect/convert tmem save streams and control a running tmemd.",
+    )
+    parser.add_argument("--server", metavar="ADDR", help="tmemd address: unix:PATH or tcp:HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds per server request (default 2)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stream = commands.add_parser("stream", help="work on save-stream files (no server needed)")
+    stream_commands = stream.add_subparsers(dest="stream_command", required=True, metavar="ACTION")
+    inspect = stream_commands.add_parser("inspect", help="show what a stream holds")
+    inspect.add_argument("file", type=Path, help="stream file (starts with the -5 marker)")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    conv = stream_commands.add_parser("convert", help="rewrite a stream as v0 or v1")
+    conv.add_argument("--to", required=True, choices=("v0", "v1"), help="target spec version")
+    conv.add_argument("input", type=Path, metavar="IN")
+    conv.add_argument("output", type=Path, metavar="OUT")
+
+    listing = commands.add_parser("list", help="TMEMC_LIST of all clients (needs --server)")
+    listing.add_argument("--long", action="store_true", help="long format (second key group)")
+    for name, text in (("freeze", "freeze a client (new puts fail)"), ("thaw", "thaw a frozen client")):
+        sub = commands.add_parser(name, help=f"{text} (needs --server)")
+        sub.add_argument("client", type=int, help="client (domain) id")
+    save = commands.add_parser("save", help="save a client's tmem to a stream file (needs --server)")
+    save.add_argument("client", type=int, help="client (domain) id")
+    save.add_argument("file", type=Path, help="output stream file")
+    save.add_argument("--live", action="store_true", help="live save: also write the extra section")
+    return parser
+
+
+# ====================================================================== stream commands
+
+
+def describe(image: savestream.ClientImage, size: int) -> dict[str, Any]:
+    """A JSON-ready description of a parsed stream."""
+    return {
+        "bytes": size,
+        "version": image.version,
+        "max_pools": image.max_pools,
+        "client": {
+            "flags": image.flags,
+            "compress": image.compress,
+            "frozen": image.frozen,
+            "weight": image.weight,
+            "cap": image.cap,
+        },
+        "pools": [
+            {
+                "pool_id": pool.pool_id,
+                "flags": pool.flags,
+                "kind": pool.kind,
+                "persistent": pool.persistent,
+                "shared": pool.shared,
+                "uuid": [f"{pool.uuid[0]:016x}", f"{pool.uuid[1]:016x}"],
+                "n_pages": pool.stream_n_pages,
+                "records": len(pool.pages),
+                "terminator": pool.terminated,
+            }
+            for pool in image.pools
+        ],
+        "extra_section": None
+        if image.invalidated is None
+        else [{"pool_id": p, "oid": [f"{w:#x}" for w in oid.words], "index": i} for p, oid, i in image.invalidated],
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    client = info["client"]
+    names = [n for n in ("compress", "frozen") if client[n]] or ["none"]
+    lines = [
+        f"stream version v{info['version']}, {info['bytes']} bytes, max_pools {info['max_pools']}",
+        f"client flags {client['flags']:#x} ({', '.join(names)}), weight {client['weight']}, cap {client['cap']}",
+        f"pools: {len(info['pools'])}",
+    ]
+    for pool in info["pools"]:
+        lines.append(
+            f"  pool {pool['pool_id']}: {pool['kind']}, flags {pool['flags']:#010x}, "
+            f"uuid {pool['uuid'][0]}:{pool['uuid'][1]}, n_pages {pool['n_pages']}, "
+            f"records {pool['records']}, terminator {'yes' if pool['terminator'] else 'no'}"
+        )
+    extra = info["extra_section"]
+    if extra is None:
+        lines.append("extra section: absent (non-live save)")
+    else:
+        lines.append(f"extra section: {len(extra)} record(s)")
+        lines.extend(f"  pool {r['pool_id']} oid ({', '.join(r['oid'])}) index {r['index']}" for r in extra)
+    return "\n".join(lines)
+
+
+def read_stream_file(path: Path) -> tuple[savestream.ClientImage, int]:
+    with open(path, "rb") as stream:
+        image = savestream.read_stream(stream)
+        return image, stream.tell()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    image, size = read_stream_file(args.file)
+    info = describe(image, size)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    image, _ = read_stream_file(args.input)
+    converted = savestream.convert(image, abi.SPEC_V0 if args.to == "v0" else abi.SPEC_V1)
+    write_atomically(args.output, lambda out: savestream.write_stream(converted, out))
+    print(f"{args.output}: v{image.version} -> v{converted.version}, {len(converted.pools)} pool(s)")
+    return EXIT_OK
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Write through ``write(fileobj)`` into a temporary beside ``path``, then rename."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(temporary, "wb") as out:
+            write(out)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# ====================================================================== server commands
+
+
+class _Dom0:
+    """A RemoteTmem for client 0 shaped like the host savestream drives."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        from .wire import RemoteTmem
+
+        self.remote = RemoteTmem(address, 0, timeout)
+
+    def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | None = None) -> int:
+        assert client_id == 0, "control ops are issued as client 0"
+        return self.remote.do_tmem_op(op, page)
+
+    def destroy_client(self, client_id: int) -> None:
+        raise StreamError("destroying a client is not available over the wire")
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+def cmd_list(args: argparse.Namespace, dom0: _Dom0) -> int:
+    buf = bytearray(LIST_BUFFER)
+    record = abi.control_record(abi.TMEMC_LIST, abi.CLI_ID_NULL, arg1=len(buf), arg2=1 if args.long else 0)
+    rc = dom0.do_tmem_op(0, record, buf)
+    if rc < 0:
+        return fail(f"LIST failed with {rc}", EXIT_DATA)
+    text = bytes(buf).split(b"\0", 1)[0].decode("ascii", "replace")
+    print(text.rstrip("\n"))
+    return EXIT_OK
+
+
+def cmd_freeze_thaw(args: argparse.Namespace, dom0: _Dom0) -> int:
+    subop = abi.TMEMC_FREEZE if args.command == "freeze" else abi.TMEMC_THAW
+    rc = dom0.do_tmem_op(0, abi.control_record(subop, args.client), None)
+    if rc < 0:
+        return fail(f"{args.command} client {args.client} failed with {rc}", EXIT_DATA)
+    print(f"client {args.client}: {args.command} ok")
+    return EXIT_OK
+
+
+def cmd_save(args: argparse.Namespace, dom0: _Dom0) -> int:
+    image = savestream.snapshot_client(dom0, args.client, live=args.live)
+    if image is None:
+        return fail(f"client {args.client} has no tmem pools: nothing saved", EXIT_DATA)
+    written: list[int] = []
+    write_atomically(args.file, lambda out: written.append(savestream.write_stream(image, out)))
+    print(f"{args.file}: client {args.client}, v{image.version}, {written[0]} bytes")
+    return EXIT_OK
+
+
+SERVER_COMMANDS = {"list": cmd_list, "freeze": cmd_freeze_thaw, "thaw": cmd_freeze_thaw, "save": cmd_save}
+
+
+def run_server_command(args: argparse.Namespace) -> int:
+    if not args.server:
+        raise UsageError(f"'{args.command}' needs --server ADDR")
+    from .wire import parse_address
+
+    parse_address(args.server)  # ValueError → usage error
+    dom0 = _Dom0(args.server, args.timeout)
+    try:
+        return SERVER_COMMANDS[args.command](args, dom0)
+    finally:
+        dom0.close()
+
+
+# ====================================================================== main
+
+
+def fail(message: str, code: int) -> int:
+    print(f"tmemctl: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "stream":
+        return cmd_inspect(args) if args.stream_command == "inspect" else cmd_convert(args)
+    return run_server_command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error (or --help)
+        return int(exc.code or 0)
+    try:
+        return run(args)
+    except (UsageError, ValueError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except StreamError as exc:
+        return fail(str(exc), EXIT_DATA)
+    except OSError as exc:  # missing files, refused or timed-out connections
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return fail(f"{where}{exc.strerror or exc}", EXIT_DATA)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Ephemeral page lists and the one eviction hook.
+
+Every ephemeral page descriptor is on two FIFO lists, the global one and its owner
+client's (Xen: ``global_ephemeral_page_list`` and ``client->ephemeral_page_list``); puts
+append at the tail, eviction takes from the head. A shared-ephemeral get and a dedup
+reprieve move a page to the tail of both lists.
+
+The lists are ``deque``s of descriptors with *lazy deletion*: removing a page only marks
+its descriptor dead (``node[POOL] = None``); dead entries are skipped when they reach the
+head and squeezed out when they outnumber live ones. Moving a page to the tail means
+killing its descriptor and appending a fresh one. This keeps a put at two deque appends
+(no hashing) and costs 16 bytes per page instead of two OrderedDict entries.
+
+``choose_victim`` is the single place that decides what is evicted.
+
+Victim rule (the DOCUMENTED Xen rule, X-DOC: "if a client with non-zero weight holds more
+than its weight-proportional share of all ephemeral pages, its own pages are evicted
+first" -- not the 4.0-4.12 code, whose inequality is inverted and which only ever looks at
+the calling client): a client is over its share when
+``client_eph * total_weight > global_eph * client_weight`` (weights non-zero). Evict the
+oldest page of the calling client if it is over its share, else of the client furthest
+over its share, else the oldest page overall. With all weights 0 (the default) this is a
+plain global FIFO.
+A deduplicated page (content shared by more than one descriptor) gets one reprieve: the
+first time it is chosen it goes to the tail instead.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .dedup import Pcd
+from .page import DATA, POOL, REPRIEVED
+
+if TYPE_CHECKING:
+    from .client import Client
+
+Node = list[Any]
+SLACK = 256  # dead entries tolerated before a list is compacted, beyond one per live page
+
+
+class EphemeralLists:
+    """The global ephemeral FIFO plus the counters of evictions (Xen names)."""
+
+    def __init__(self, clients: "dict[int, Client]") -> None:
+        self.clients = clients  # the host's client table (compaction visits every list)
+        self.global_list: deque[Node] = deque()
+        self.global_eph_count = 0
+        self.global_eph_count_max = 0
+        self.weight_total = 0
+        self.evicted_pgs = 0
+        self.evict_attempts = 0
+        self.relinq_pgs = 0
+        self.relinq_attempts = 0
+        self.max_evicts_per_relinq = 0
+        self.compact_at = SLACK
+
+    # --- list maintenance (the pool calls these on put / remove) ----------------------------
+
+    def append(self, node: Node, owner: "Client") -> None:
+        """Put a live ephemeral descriptor at the tail of both lists."""
+        gl = self.global_list
+        gl.append(node)
+        owner.eph_pages.append(node)
+        self.global_eph_count += 1
+        owner.eph_count += 1
+        if owner.eph_count > owner.eph_count_max:
+            owner.eph_count_max = owner.eph_count
+        if self.global_eph_count > self.global_eph_count_max:
+            self.global_eph_count_max = self.global_eph_count
+        if len(gl) > self.compact_at:
+            self.compact()
+
+    def compact(self) -> None:
+        """Squeeze dead descriptors out of every list (the global one has more dead entries
+        than live ones plus slack). Each descriptor is on the global list and exactly one
+        client list, so this costs O(global list) and, amortized, O(1) per put."""
+        self.global_list = compact(self.global_list)
+        for client in self.clients.values():
+            client.eph_pages = compact(client.eph_pages)
+        self.compact_at = 2 * len(self.global_list) + SLACK
+
+    def forget(self, owner: "Client") -> None:
+        """One of ``owner``'s ephemeral descriptors died (the caller marked it)."""
+        self.global_eph_count -= 1
+        owner.eph_count -= 1
+
+    # --- the eviction hook ------------------------------------------------------------------
+
+    def over_share(self, client: "Client") -> bool:
+        """True when ``client`` holds more than its weight-proportional share of ephemeral pages."""
+        total = self.weight_total
+        if total == 0 or client.weight == 0 or client.eph_count == 0:
+            return False
+        return client.eph_count * total > self.global_eph_count * client.weight
+
+    def over_share_client(self, caller: "Client | None") -> "Client | None":
+        """The client whose pages go first: the caller if it is over its share, else the
+        client furthest over its share (in pages), else None (evict the global oldest)."""
+        if caller is not None and self.over_share(caller):
+            return caller
+        total = self.weight_total
+        worst, worst_excess = None, 0
+        for client in self.clients.values():
+            if self.over_share(client):
+                excess = client.eph_count * total - self.global_eph_count * client.weight
+                if excess > worst_excess:
+                    worst, worst_excess = client, excess
+        return worst
+
+    def choose_victim(self, caller: "Client | None") -> Node | None:
+        """THE eviction decision: the live descriptor to evict, or None if there is none."""
+        self.evict_attempts += 1
+        if not self.global_eph_count:
+            return None
+        owner = self.over_share_client(caller) if self.weight_total else None
+        own = owner is not None
+        queue = owner.eph_pages if own else self.global_list  # type: ignore[union-attr]
+        while queue:
+            node = queue[0]
+            pool = node[POOL]
+            if pool is None:
+                queue.popleft()
+                continue
+            stored = node[DATA]
+            if type(stored) is Pcd and stored.refs > 1 and len(node) <= REPRIEVED:
+                queue.popleft()
+                pool.refresh(node, reprieve=True)
+                # refresh appends, which may have compacted (replaced) the list
+                queue = owner.eph_pages if own else self.global_list  # type: ignore[union-attr]
+                continue
+            return node
+        return None
+
+    def rebuild_client_lists(self, clients: "list[Client]") -> None:
+        """Rebuild the given clients' lists from the global order (after a shared pool
+        changed owner: its pages move to the new owner's list, in their global order)."""
+        for client in clients:
+            client.eph_pages = deque(
+                n for n in self.global_list if n[POOL] is not None and n[POOL].client is client
+            )
+
+    def check(self, clients: "list[Client]", live_nodes: dict[int, Node]) -> None:
+        """``live_nodes``: id -> descriptor of every ephemeral page held by a pool."""
+        on_global = [n for n in self.global_list if n[POOL] is not None]
+        assert len(on_global) == self.global_eph_count, "global ephemeral count != live pages on the global list"
+        assert {id(n) for n in on_global} == set(live_nodes), "global list and stored ephemeral pages differ"
+        assert len({id(n) for n in on_global}) == len(on_global), "a page is on the global list twice"
+        assert sum(c.eph_count for c in clients) == self.global_eph_count, "sum of client counts != global count"
+        for client in clients:
+            mine = [n for n in client.eph_pages if n[POOL] is not None]
+            assert len(mine) == client.eph_count, f"client {client.cli_id}: eph_count != live pages on its list"
+            assert len({id(n) for n in mine}) == len(mine), f"client {client.cli_id}: a page is on its list twice"
+            for n in mine:
+                assert n[POOL].client is client, f"client {client.cli_id}: holds a page of another owner"
+                assert id(n) in live_nodes, f"client {client.cli_id}: lists a page no pool holds"
+        assert self.weight_total == sum(c.weight for c in clients), "weight total drifted"
+
+
+def compact(queue: deque[Node]) -> deque[Node]:
+    return deque(n for n in queue if n[POOL] is not None)
