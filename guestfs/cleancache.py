@@ -71,35 +71,35 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 _U32 = struct.Struct("<I")
 
 
-def _index_offset(version: int) -> int:
-    """Where a gen record's u32 index sits, found from tmemcore.abi itself (not hard-coded)."""
-    low = gen_record(TMEM_GET_PAGE, 0, 0, 0, version)
-    high = gen_record(TMEM_GET_PAGE, 0, 0, MAX_INDEX, version)
-    changed = [i for i in range(len(low)) if low[i] != high[i]]
-    assert len(changed) == 4 and changed[3] - changed[0] == 3, changed
+def _field_offset(cmd: int, index: int, version: int) -> int:
+    """Where the first byte differing from a GET of index 0 sits, found from tmemcore.abi itself."""
+    base = gen_record(TMEM_GET_PAGE, 0, 0, 0, version)
+    other = gen_record(cmd, 0, 0, index, version)
+    changed = [i for i in range(len(base)) if base[i] != other[i]]
+    assert changed and changed[-1] - changed[0] < 4, changed  # one u32 field
     return changed[0]
 
 
-_INDEX_OFFSET = {SPEC_V1: _index_offset(SPEC_V1), SPEC_V0: _index_offset(SPEC_V0)}
+# The record layouts stay in tmemcore.abi; these offsets are derived from it once, so the hot
+# path can splice a page index (and the PUT command) into a record built by gen_record.
+_INDEX_OFFSET = {v: _field_offset(TMEM_GET_PAGE, MAX_INDEX, v) for v in (SPEC_V1, SPEC_V0)}
+assert all(_field_offset(TMEM_PUT_PAGE, 0, v) == 0 for v in (SPEC_V1, SPEC_V0))  # cmd leads the record
+_PUT_CMD = gen_record(TMEM_PUT_PAGE, 0, 0, 0)[:4]
+TEMPLATE_CACHE_MAX = 1 << 16
 
 
 class _Object:
     """The pages of one file that may be in the pool, under the file's wire oid.
 
-    The GET/PUT record bytes before and after the index are built once per object with
-    ``tmemcore.abi.gen_record``; a page op only splices in its index (the hot path).
+    The GET/PUT record bytes before and after the index come from ``tmemcore.abi.gen_record``
+    (via a per-key template); a page op only splices in its index (the hot path).
     """
 
     __slots__ = ("wire_oid", "indexes", "get_head", "put_head", "tail")
 
-    def __init__(self, wire_oid: int, pool_id: int, version: int) -> None:
-        self.wire_oid = wire_oid
+    def __init__(self, template: tuple[int, bytes, bytes, bytes]) -> None:
+        self.wire_oid, self.get_head, self.put_head, self.tail = template
         self.indexes: set[int] = set()
-        at = _INDEX_OFFSET[version]
-        get = gen_record(TMEM_GET_PAGE, pool_id, wire_oid, 0, version)
-        self.get_head = get[:at]
-        self.put_head = gen_record(TMEM_PUT_PAGE, pool_id, wire_oid, 0, version)[:at]
-        self.tail = get[at + 4 :]
 
     def record(self, head: bytes, index: int) -> bytes:
         return head + _U32.pack(index) + self.tail
@@ -133,6 +133,9 @@ class CleanCache:
         self._page = bytearray(PAGE_SIZE)  # reused for every put and get
         self._objects: dict[FileKey, _Object] = {}
         self._owners: dict[int, FileKey] = {}
+        # wire oid + record pieces per key, kept across object lifetimes (a file's object comes
+        # and goes as its pages are got back); cleared when full or when the pool changes.
+        self._templates: dict[FileKey, tuple[int, bytes, bytes, bytes]] = {}
         self._tracked = 0
         self.succ_gets = 0
         self.failed_gets = 0
@@ -331,17 +334,30 @@ class CleanCache:
         if index > MAX_INDEX:
             self.index_overflows += 1
             return None
-        wire_oid = self.wire_oid(key)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(key)
+        wire_oid = template[0]
         if wire_oid in self._owners:  # owned by another key (ours would be in _objects)
             if self._version == SPEC_V0:
                 self.fold_collisions += 1
             else:
                 self.oid_collisions += 1
             return None
-        obj = _Object(wire_oid, self._pool_id, self._version)
+        obj = _Object(template)
         self._objects[key] = obj
         self._owners[wire_oid] = key
         return obj
+
+    def _template(self, key: FileKey) -> tuple[int, bytes, bytes, bytes]:
+        wire_oid = self.wire_oid(key)
+        at = _INDEX_OFFSET[self._version]
+        get = gen_record(TMEM_GET_PAGE, self._pool_id, wire_oid, 0, self._version)
+        template = (wire_oid, get[:at], _PUT_CMD + get[4:at], get[at + 4 :])
+        if len(self._templates) >= TEMPLATE_CACHE_MAX:
+            self._templates.clear()
+        self._templates[key] = template
+        return template
 
     def _untrack(self, key: FileKey, obj: _Object, index: int) -> None:
         obj.indexes.discard(index)
@@ -364,6 +380,7 @@ class CleanCache:
 
     def _forget_all(self) -> None:
         self._objects.clear()
+        self._templates.clear()
         self._owners.clear()
         self._tracked = 0
         self._pool_id = -1

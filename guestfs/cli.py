@@ -169,7 +169,8 @@ def run_stats(args: argparse.Namespace) -> int:
 def format_stats(stats: dict[str, Any]) -> str:
     """Human-readable stats: the headline numbers first, then every counter."""
     mode = stats.get("mode", "?")
-    lines = [f"keying/ABI: {mode}", ""]
+    requested = f" (requested --abi {stats['abi']})" if "abi" in stats else ""
+    lines = [f"keying/ABI: {mode}{requested}", ""]
     flat = _flatten(stats)
     width = max((len(name) for name in flat), default=0)
     lines += [f"{name:<{width}}  {value}" for name, value in flat.items()]

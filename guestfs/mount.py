@@ -54,7 +54,7 @@ def load_binding(name: str) -> types.ModuleType:
         raise MountError(f"unknown FUSE binding {name!r} (use mfusepy or fusepy)")
     try:
         module = importlib.import_module(module_name)
-    except (ImportError, OSError, EnvironmentError) as exc:
+    except (ImportError, OSError) as exc:  # OSError: the shared library itself is missing
         raise MountError(f"cannot load FUSE binding {name}: {exc}") from exc
     if not hasattr(module, "FUSE"):  # python-fuse also installs a module called "fuse"
         raise MountError(f"module {module_name!r} is not {name} (no FUSE class); pip install {name}")

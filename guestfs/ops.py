@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -106,6 +107,11 @@ class Ops:
       listed by ``listxattr`` and cannot be set or removed.
     * Rename flags (NOREPLACE/EXCHANGE) reach us only where the binding passes them (guestfs.mount
       patches mfusepy on libfuse3 to do so); libfuse2 never sends them.
+    * An open file unlinked through the mount is renamed to ``.fuse_hiddenXXXX`` by libfuse (no
+      ``hard_remove``) and unlinked at its last close; its pages are forgotten then.
+    * Paths are re-walked by name in the backing tree (like libfuse's passthrough example): a writer of
+      the backing tree can race a directory-for-symlink swap. Not for untrusted backing trees.
+    * Not implemented: fallocate, copy_file_range, lseek(SEEK_DATA/HOLE), ioctl, lock forwarding.
     """
 
     use_ns = True  # bindings exchange integer nanoseconds (float seconds are deprecated and lossy)
@@ -184,10 +190,11 @@ class Ops:
     def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
         """Entries with st_ino and st_mode: with use_ino a zero d_ino would make glibc skip the entry."""
         backing = self._backing(path)
-        entries = [(".", os.lstat(backing)), ("..", os.lstat(os.path.dirname(backing) or "/"))]
+        here, parent = os.lstat(backing), os.lstat(os.path.dirname(backing) or "/")
+        listing = [(".", here.st_ino, here.st_mode), ("..", parent.st_ino, parent.st_mode)]
         with os.scandir(backing) as scan:
-            entries += [(entry.name, entry.stat(follow_symlinks=False)) for entry in scan]
-        return [(name, {"st_ino": st.st_ino, "st_mode": st.st_mode}, 0) for name, st in entries]
+            listing += [(entry.name, entry.inode(), _dirent_mode(entry)) for entry in scan]
+        return [(name, {"st_ino": ino, "st_mode": mode}, 0) for name, ino, mode in listing]
 
     @fuse_callback
     def access(self, path: str, amode: int) -> int:
@@ -381,8 +388,19 @@ def _open_backing(backing: str, flags: int, mode: int = 0o777) -> int:
     return os.open(backing, flags, mode)
 
 
+def _dirent_mode(entry: os.DirEntry[str]) -> int:
+    """File-type bits for a directory entry; the kernel uses only these (from d_type, no lstat needed)."""
+    if entry.is_symlink():
+        return stat.S_IFLNK
+    if entry.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if entry.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode)  # fifo, socket, device: rare, so lstat
+
+
 def _is_regular(mode: int) -> bool:
-    return (mode & 0o170000) == 0o100000
+    return stat.S_ISREG(mode)
 
 
 def _resolve_utimens(backing: str, times: tuple[int, int] | None) -> tuple[int, int]:

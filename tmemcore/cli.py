@@ -13,10 +13,12 @@ stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from . import abi, savestream
@@ -161,12 +163,31 @@ def write_atomically(path: Path, write: Any) -> None:
 
 
 class _Dom0:
-    """A RemoteTmem for client 0 shaped like the host savestream drives."""
+    """A RemoteTmem for client 0 shaped like the host savestream drives.
+
+    ``spec_version`` is the control-record layout the server takes (a v0-only host wants
+    40-byte records, as Xen 4.0.0's tools sent): probed once with the harmless
+    SAVE_GET_MAXPOOLS, which a host answers -EFAULT when the layout is not its own.
+    """
 
     def __init__(self, address: str, timeout: float) -> None:
         from .wire import RemoteTmem
 
         self.remote = RemoteTmem(address, 0, timeout)
+        self.spec_version = abi.SPEC_V1
+
+    def detect_version(self) -> int:
+        for version in (abi.SPEC_V1, abi.SPEC_V0):
+            probe = abi.control_record(abi.TMEMC_SAVE_GET_MAXPOOLS, 0, version=version)
+            if self.remote.do_tmem_op(probe) != -errno.EFAULT:
+                self.spec_version = version
+                return version
+        raise StreamError("the server takes neither v1 nor v0 control records")
+
+    def control(self, subop: int, cli_id: int = abi.CLI_ID_NULL, arg1: int = 0, arg2: int = 0,
+                buf: bytearray | None = None) -> int:
+        record = abi.control_record(subop, cli_id, arg1=arg1, arg2=arg2, version=self.spec_version)
+        return self.remote.do_tmem_op(record, buf)
 
     def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | None = None) -> int:
         assert client_id == 0, "control ops are issued as client 0"
@@ -181,8 +202,7 @@ class _Dom0:
 
 def cmd_list(args: argparse.Namespace, dom0: _Dom0) -> int:
     buf = bytearray(LIST_BUFFER)
-    record = abi.control_record(abi.TMEMC_LIST, abi.CLI_ID_NULL, arg1=len(buf), arg2=1 if args.long else 0)
-    rc = dom0.do_tmem_op(0, record, buf)
+    rc = dom0.control(abi.TMEMC_LIST, arg1=len(buf), arg2=1 if args.long else 0, buf=buf)
     if rc < 0:
         return fail(f"LIST failed with {rc}", EXIT_DATA)
     text = bytes(buf).split(b"\0", 1)[0].decode("ascii", "replace")
@@ -192,7 +212,7 @@ def cmd_list(args: argparse.Namespace, dom0: _Dom0) -> int:
 
 def cmd_freeze_thaw(args: argparse.Namespace, dom0: _Dom0) -> int:
     subop = abi.TMEMC_FREEZE if args.command == "freeze" else abi.TMEMC_THAW
-    rc = dom0.do_tmem_op(0, abi.control_record(subop, args.client), None)
+    rc = dom0.control(subop, args.client)
     if rc < 0:
         return fail(f"{args.command} client {args.client} failed with {rc}", EXIT_DATA)
     print(f"client {args.client}: {args.command} ok")
@@ -209,7 +229,9 @@ def cmd_save(args: argparse.Namespace, dom0: _Dom0) -> int:
     return EXIT_OK
 
 
-SERVER_COMMANDS = {"list": cmd_list, "freeze": cmd_freeze_thaw, "thaw": cmd_freeze_thaw, "save": cmd_save}
+SERVER_COMMANDS = MappingProxyType(
+    {"list": cmd_list, "freeze": cmd_freeze_thaw, "thaw": cmd_freeze_thaw, "save": cmd_save}
+)
 
 
 def run_server_command(args: argparse.Namespace) -> int:
@@ -220,6 +242,7 @@ def run_server_command(args: argparse.Namespace) -> int:
     parse_address(args.server)  # ValueError → usage error
     dom0 = _Dom0(args.server, args.timeout)
     try:
+        dom0.detect_version()
         return SERVER_COMMANDS[args.command](args, dom0)
     finally:
         dom0.close()

@@ -115,14 +115,22 @@ class Client:
             raise NotPermitted("precompressed pools are not supported")
         if version == 1 and flags & TMEM_POOL_RESERVED_BITS:
             raise NotPermitted(f"reserved flag bits set: {flags & TMEM_POOL_RESERVED_BITS:#x}")
+        persistent = bool(flags & TMEM_POOL_PERSIST)
+        shared = bool(flags & TMEM_POOL_SHARED) and self._may_share(uuid)
+        if shared and pool_id is None:
+            # joining a shared pool this client already holds returns its slot (Xen would
+            # list the client twice as a sharer and file the pool in a second slot)
+            for slot, held in enumerate(self.pools):
+                if held is not None and held.shared and held.uuid == uuid:
+                    return slot
         if pool_id is None:
             pool_id = next((i for i, p in enumerate(self.pools) if p is None), None)
             if pool_id is None:
                 raise NotPermitted(f"client {self.cli_id} has no free pool slot")
         elif not 0 <= pool_id < MAX_POOLS_PER_DOMAIN or self.pools[pool_id] is not None:
             raise NotPermitted(f"pool slot {pool_id} of client {self.cli_id} is invalid or in use")
-        persistent = bool(flags & TMEM_POOL_PERSIST)
-        shared = bool(flags & TMEM_POOL_SHARED) and self._may_share(uuid)
+        if shared and any(held is not None and held.shared and held.uuid == uuid for held in self.pools):
+            raise NotPermitted(f"client {self.cli_id} already shares the pool with uuid {uuid}")
         if shared:
             pool = host.join_shared_pool(self, pool_id, uuid, persistent=persistent, version=version)
         else:

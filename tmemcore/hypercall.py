@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import abi
 from .abi import (
+    CLI_ID_NULL,
     MAX_POOLS_PER_DOMAIN,
     PAGE_SIZE,
     TMEM_AUTH,
@@ -101,18 +102,18 @@ class Hypercall:
             raise BadAddress(f"a tmem_op record is 56 (v1) or 40 (v0) bytes, got {size}")
         host = self.host
         client = host.clients.get(client_id)
-        if client is None:
-            client = host.client(client_id)  # raises InvalidArgument for a bad id
+        if client is None and not (type(client_id) is int and 0 <= client_id < CLI_ID_NULL):
+            raise InvalidArgument(f"client id must be in 0..{CLI_ID_NULL - 1}, got {client_id!r}")
         (cmd,) = _CMD.unpack_from(op)
         if cmd == TMEM_CONTROL:
             if client_id != 0:
                 raise NotPermitted("TMEM_CONTROL is for the control domain (client 0) only")
             return host.control.dispatch(op, page)
         if cmd == TMEM_NEW_POOL or cmd == TMEM_AUTH or cmd == TMEM_RESTORE_NEW:
-            return self._creat(client, cmd, op)
+            return self._creat(client_id, client, cmd, op)
         if cmd not in GEN_CMDS:
             raise NotImplementedOp(f"unknown tmem command {cmd}")
-        expected = client.record_size
+        expected = client.record_size if client is not None else None
         if expected is None:
             if size not in self.record_sizes:
                 raise BadAddress(f"a {size}-byte record is not a layout this host accepts")
@@ -127,6 +128,10 @@ class Hypercall:
             oid_limit = V0_OID_MAX
         if not 0 <= pool_id < MAX_POOLS_PER_DOMAIN:
             raise NoDevice(f"pool id {pool_id} out of range")
+        if client is None:  # a client exists once it has made a pool; before that, no pool ids
+            if cmd == TMEM_DESTROY_POOL:
+                return 0
+            raise NoDevice(f"client {client_id} has no pools")
         pool = client.pools[pool_id]
         if cmd == TMEM_DESTROY_POOL:
             return 1 if pool is not None and client.destroy_pool(pool_id) else 0
@@ -163,12 +168,14 @@ class Hypercall:
             return self._write(client, pool, oid, index, toff, poff, length, page)
         return 0  # TMEM_XCHG: "not implemented", 0 (Xen 4.1)
 
-    def _creat(self, client: "Client", cmd: int, op: bytes) -> int:
+    def _creat(self, client_id: int, client: "Client | None", cmd: int, op: bytes) -> int:
         layout = _CREAT_V1 if len(op) == V1_SIZE else _CREAT_V0
         _, pool_id, uuid_lo, uuid_hi, flags, arg1 = layout.unpack(op)
         if cmd == TMEM_NEW_POOL:
+            if client is None:  # registered only if the pool is made (failed ops leave no trace)
+                return self.host.adopt_client(client_id, lambda c: c.create_pool(flags, (uuid_lo, uuid_hi)))
             return client.create_pool(flags, (uuid_lo, uuid_hi))
-        if client.cli_id != 0:
+        if client_id != 0:
             raise NotPermitted("TMEM_AUTH and TMEM_RESTORE_NEW are for the control domain (client 0) only")
         if cmd == TMEM_AUTH:
             return self.host.control.authorize(arg1, (uuid_lo, uuid_hi), flags != 0)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Protocol
 
 from . import abi
-from .errors import StreamError
+from .errors import StreamError, TmemError
 from .oid import INVALID_OID, V0_OID_MAX, Oid
 
 # --- stream field layouts (the stream's own; records and handles live in abi.py) ---------
@@ -216,7 +217,7 @@ def encode_stream(image: ClientImage) -> bytes:
     return b"".join(_stream_chunks(image))
 
 
-def _stream_chunks(image: ClientImage):
+def _stream_chunks(image: ClientImage) -> Iterator[bytes]:
     version = image.version
     yield _S32.pack(abi.XC_SAVE_ID_TMEM)
     yield _CLIENT_HEADER.pack(
@@ -602,7 +603,7 @@ def restore_image(tmem: ControlHost, client_id: int, image: ClientImage, convert
         raise StreamError(f"RESTORE_BEGIN for client {client_id} returned {begun}: the client already exists")
     try:
         _apply(ctl, image)
-    except StreamError as exc:
+    except TmemError as exc:  # StreamError from a refused step, or a record that would not encode
         tmem.destroy_client(client_id)
         raise StreamError(f"restore of client {client_id} rolled back: {exc}") from None
 

@@ -17,15 +17,18 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from . import abi, wire
+from .errors import TmemError
 
 LOG = logging.getLogger("tmemd")
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE_SUFFIXES = MappingProxyType({"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30})
 
 
 class Host(Protocol):
@@ -118,7 +121,7 @@ class TmemServer:
                 return
             thread = threading.Thread(target=self._serve_connection, args=(conn,), name="tmemd-conn", daemon=True)
             self._connections[conn] = thread
-        thread.start()
+            thread.start()  # under the lock, so check() never sees a registered thread not yet started
 
     def _serve_connection(self, conn: socket.socket) -> None:
         try:
@@ -168,8 +171,6 @@ def _remove_stale_unix_socket(path: str) -> None:
     """Unlink ``path`` if it is a socket nobody listens on; refuse to clobber anything else."""
     if not os.path.lexists(path):
         return
-    import stat
-
     if not stat.S_ISSOCK(os.lstat(path).st_mode):
         raise FileExistsError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -246,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = TmemServer(build_host(args), args.listen)
         address = server.start()
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TmemError, OSError) as exc:  # bad --listen/--memory, or the address is taken
         print(f"tmemd: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
+        return 2 if isinstance(exc, (ValueError, TmemError)) else 1
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

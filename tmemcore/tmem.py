@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from .abi import CLI_ID_NULL, MAX_GLOBAL_SHARED_POOLS, PAGE_SIZE, SPEC_V0, SPEC_V1
 from .client import Client
@@ -102,6 +102,13 @@ class Tmem:
             raise InvalidArgument(f"client id must be in 0..{CLI_ID_NULL - 1}, got {cli_id!r}")
         with self.lock:
             return self.clients.setdefault(cli_id, Client(self, cli_id))
+
+    def adopt_client(self, cli_id: int, first_op: Callable[[Client], int]) -> int:
+        """Run ``first_op`` on a new client and keep the client only if the op succeeds."""
+        client = Client(self, cli_id)
+        result = first_op(client)
+        self.clients[cli_id] = client
+        return result
 
     def existing_client(self, cli_id: int) -> Client:
         client = self.clients.get(cli_id)

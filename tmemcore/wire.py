@@ -18,8 +18,9 @@ receiver closes the connection.
     response  server -> client   s32 rc | u8 has buffer | u32 buffer length | buffer bytes
 
 Buffer modes: NONE (no buffer: flushes, NEW_POOL, ...), SEND (the buffer's bytes follow: PUT,
-WRITE, READ, CONTROL), SIZE (a zero-filled buffer of that length, nothing sent: GET_PAGE,
-which overwrites the whole page on a hit). The response carries the buffer back only when
+WRITE, READ, CONTROL RESTORE_PUT_PAGE, ...), SIZE (a zero-filled buffer of that length,
+nothing sent: GET_PAGE, which overwrites the whole page on a hit, and the control sub-ops
+that only write their buffer: LIST, SAVE_GET_POOL_UUID, SAVE_GET_NEXT_PAGE, SAVE_GET_NEXT_INV). The response carries the buffer back only when
 the host wrote to it: for CONTROL always, for GET_PAGE/READ only on a hit (rc == 1).
 One connection speaks for one client id, named once in the hello; requests on a connection
 are answered in order. There is no authentication: a connection may claim client 0 (dom0,
@@ -52,8 +53,12 @@ _WELCOME = struct.Struct("<8sHi")
 _REQUEST = struct.Struct("<BBI")
 _RESPONSE = struct.Struct("<iBI")
 _CMD = struct.Struct("<I")
+_CMD_SUBOP = struct.Struct("<IiI")  # cmd, pool_id, ctrl.subop (same offset in v0 and v1)
 
 BUFFER_WRITERS = frozenset({abi.TMEM_GET_PAGE, abi.TMEM_READ})  # + CONTROL, always
+WRITE_ONLY_SUBOPS = frozenset(
+    {abi.TMEMC_LIST, abi.TMEMC_SAVE_GET_POOL_UUID, abi.TMEMC_SAVE_GET_NEXT_PAGE, abi.TMEMC_SAVE_GET_NEXT_INV}
+)
 
 
 class ProtocolError(ConnectionError):
@@ -162,10 +167,15 @@ def decode_welcome(payload: bytes) -> int:
 
 
 def buffer_mode_for(op: bytes, page: bytearray | memoryview | None) -> int:
+    """SIZE for ops that only write the buffer (no point sending its old bytes), else SEND."""
     if page is None:
         return BUF_NONE
-    (cmd,) = _CMD.unpack_from(op)
-    return BUF_SIZE if cmd == abi.TMEM_GET_PAGE else BUF_SEND
+    if len(op) < 12:
+        return BUF_SEND
+    cmd, _, subop = _CMD_SUBOP.unpack_from(op)
+    if cmd == abi.TMEM_GET_PAGE or (cmd == abi.TMEM_CONTROL and subop in WRITE_ONLY_SUBOPS):
+        return BUF_SIZE
+    return BUF_SEND
 
 
 def encode_request(op: bytes, page: bytearray | memoryview | bytes | None, mode: int | None = None) -> bytes:

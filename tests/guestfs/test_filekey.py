@@ -137,3 +137,23 @@ def test_overlayfs_keys(tmp_path: Path, options: str, source: str) -> None:
             assert (k.handle_type, k.handle) == (-1, b"")
     finally:
         subprocess.run(["umount", str(dirs["merged"])], capture_output=True, timeout=30)
+
+
+def test_no_handles_but_a_generation_gives_ino_gen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import guestfs.filekey as filekey
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        generation = filekey.inode_generation(fd)
+        if generation is None:
+            pytest.skip(f"{tmp_path} has no FS_IOC_GETVERSION")
+        with_handle = key_for_fd(fd)
+        monkeypatch.setattr(filekey, "file_handle", lambda fd: None)  # as on overlayfs / some FUSE fs
+        k = key_for_fd(fd)
+    finally:
+        os.close(fd)
+    assert k.source == "ino-gen" and k.oid == k.ino | generation << 64
+    if with_handle.handle_type == 1:  # ext4 FILEID_INO32_GEN: the handle holds the same generation
+        assert int.from_bytes(with_handle.handle[4:8], "little") == generation

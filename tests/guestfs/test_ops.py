@@ -124,9 +124,17 @@ class TestAttributes:
         entries = {name: attrs for name, attrs, offset in ops.readdir("/dir", 0)}
         assert sorted(entries) == [".", "..", "a.txt"]
         a_stat = os.lstat(backing / "dir" / "a.txt")
-        assert entries["a.txt"] == {"st_ino": a_stat.st_ino, "st_mode": a_stat.st_mode}
+        assert entries["a.txt"] == {"st_ino": a_stat.st_ino, "st_mode": stat.S_IFREG}  # type bits suffice
         assert entries["."]["st_ino"] == os.lstat(backing / "dir").st_ino
         assert entries[".."]["st_ino"] == os.lstat(backing).st_ino
+
+    def test_readdir_reports_the_type_of_every_kind_of_entry(self, ops: Ops, backing: Path) -> None:
+        os.symlink("a.txt", backing / "dir" / "link")
+        os.mkfifo(backing / "dir" / "fifo")
+        (backing / "dir" / "sub").mkdir()
+        kinds = {name: stat.S_IFMT(attrs["st_mode"]) for name, attrs, _ in ops.readdir("/dir", 0)}
+        assert kinds == {".": stat.S_IFDIR, "..": stat.S_IFDIR, "a.txt": stat.S_IFREG, "link": stat.S_IFLNK,
+                         "fifo": stat.S_IFIFO, "sub": stat.S_IFDIR}
 
     def test_chmod_chown(self, ops: Ops, backing: Path) -> None:
         ops.chmod("/dir/a.txt", 0o600)

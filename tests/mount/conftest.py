@@ -6,6 +6,8 @@ stat-able with a bounded timeout, unmount in ``finally`` (fusermount3 -u, fuserm
 
 from __future__ import annotations
 
+import ctypes.util
+import importlib.util
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -24,6 +26,16 @@ def fuse_unavailable_reason() -> str | None:
     return None
 
 
+def binding_unavailable_reason(binding: str) -> str | None:
+    """fusepy needs the `fuse` module (pip extra "fusepy") and libfuse2; mfusepy needs libfuse3."""
+    module, library = {"mfusepy": ("mfusepy", "fuse3"), "fusepy": ("fuse", "fuse")}[binding]
+    if importlib.util.find_spec(module) is None:
+        return f"{binding} is not installed (pip install '.[fusepy]')"
+    if ctypes.util.find_library(library) is None:
+        return f"lib{library} is not installed"
+    return None
+
+
 @dataclass
 class Mounted:
     source: Path
@@ -38,14 +50,21 @@ MountFactory = Callable[..., Mounted]
 
 
 @pytest.fixture
-def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
-    """``mount_factory(*args, binding="mfusepy", source=None)`` → a live Mounted; unmounted at teardown."""
+def require_fuse() -> None:
     reason = fuse_unavailable_reason()
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, require_fuse: None) -> Iterator[MountFactory]:
+    """``mount_factory(*args, binding="mfusepy", source=None)`` → a live Mounted; unmounted at teardown."""
     handles: list[MountHandle] = []
 
     def factory(*args: str, binding: str = "mfusepy", source: Path | None = None) -> Mounted:
+        reason = binding_unavailable_reason(binding)
+        if reason:
+            pytest.skip(reason)
         index = len(handles)
         if source is None:
             source = tmp_path / f"src{index}"

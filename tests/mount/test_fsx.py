@@ -22,6 +22,10 @@ pytestmark = [pytest.mark.mount, pytest.mark.timeout(200, method="thread")]
 MountFactory = Callable[..., Any]
 
 MAX_FILE = 256 * 1024
+# Before multigrain timestamps (Linux 6.13) a same-size external rewrite within one timestamp tick is
+# invisible to size/mtime/ctime validation (a documented caveat); there the external writer also moves
+# mtime explicitly, so this test checks the cache logic rather than the clock granularity.
+COARSE_TIMESTAMPS = tuple(int(part) for part in os.uname().release.split(".")[:2]) < (6, 13)
 NAMES = ("f0", "f1", "f2")
 OPS = ("read", "read", "read", "write", "write", "truncate", "external_write", "external_truncate", "rename",
        "reopen", "fsync", "unlink_create")
@@ -90,6 +94,8 @@ class Fsx:
         fd = os.open(self.backing / name, os.O_WRONLY)
         try:
             assert os.pwrite(fd, payload, offset) == len(payload)
+            if COARSE_TIMESTAMPS:
+                os.utime(fd, ns=(0, os.fstat(fd).st_mtime_ns + 1))
         finally:
             os.close(fd)
         apply_write(data, offset, payload)

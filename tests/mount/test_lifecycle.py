@@ -32,7 +32,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_unmounts_cleanly(mount_factory: MountFactory, binding: str, signum: int) -> None:
     m = mount_factory(binding=binding)
     (m.mnt / "f").write_bytes(b"x")
@@ -52,7 +52,7 @@ def test_kill_9_leaves_no_wedged_mount(mount_factory: MountFactory, binding: str
     assert os.listdir(m.mnt) == []
 
 
-def test_cli_mount_detaches_and_umount_unmounts(tmp_path: Path) -> None:
+def test_cli_mount_detaches_and_umount_unmounts(tmp_path: Path, require_fuse: None) -> None:
     source, mnt = tmp_path / "src", tmp_path / "mnt"
     source.mkdir()
     mnt.mkdir()
@@ -72,7 +72,7 @@ def test_cli_mount_detaches_and_umount_unmounts(tmp_path: Path) -> None:
             unmount(str(mnt), lazy=True)
 
 
-def test_cli_mount_failure_prints_daemon_error_and_exits_1(tmp_path: Path) -> None:
+def test_cli_mount_failure_prints_daemon_error_and_exits_1(tmp_path: Path, require_fuse: None) -> None:
     source, mnt = tmp_path / "src", tmp_path / "mnt"
     source.mkdir()
     mnt.mkdir()

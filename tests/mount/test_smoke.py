@@ -145,3 +145,21 @@ def test_concurrent_readers_and_writers(mount_factory: MountFactory, threads: st
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert all(pool.map(worker, blobs))
+
+
+def test_unlinked_open_file_stays_readable_and_disappears_after_close(mount_factory: MountFactory) -> None:
+    import time
+
+    m = mount_factory()
+    (m.mnt / "f").write_bytes(b"keep me" * 1000)
+    fd = os.open(m.mnt / "f", os.O_RDONLY)
+    try:
+        os.unlink(m.mnt / "f")
+        assert not (m.mnt / "f").exists()
+        assert os.pread(fd, 7, 7000 - 7) == b"keep me"
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 10  # release is asynchronous: poll for libfuse's hidden name to go
+    while os.listdir(m.source) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert os.listdir(m.source) == []

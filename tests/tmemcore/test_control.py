@@ -44,7 +44,7 @@ def test_set_weight_cap_compress_and_query_freeable() -> None:
     new_pool(t, 2)
     assert ctrl(t, abi.TMEMC_SET_WEIGHT, 1, arg1=5) == 0
     assert ctrl(t, abi.TMEMC_SET_WEIGHT, NULL, arg1=2) == 0
-    assert t.eviction.weight_total == 6  # clients 0 (the caller), 1 and 2
+    assert t.eviction.weight_total == 4  # clients 1 and 2 (control calls do not create client 0)
     assert ctrl(t, abi.TMEMC_SET_CAP, 2, arg1=77) == 0 and t.client(2).cap == 77
     assert ctrl(t, abi.TMEMC_SET_COMPRESS, 1, arg1=1) == 0 and t.client(1).compress
     for i in range(300):

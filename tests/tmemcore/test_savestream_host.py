@@ -330,3 +330,20 @@ def test_the_v0_to_v1_example_runs(capsys: pytest.CaptureFixture[str]):
     out = capsys.readouterr().out
     assert "plain restore refused: stream is v0" in out
     assert out.count("intact=True") == 2 and "back to v0 refused" in out
+
+
+def test_shared_pools_keep_their_uuid():
+    source = Tmem(memory_pages=8)
+    client = source.client(1)
+    client.new_pool(shared=True, uuid=(5, 6))
+    shared_persistent = client.new_pool(persistent=True, shared=True, uuid=(7, 8))
+    assert shared_persistent.put(Oid(1), 1, PAGE_1)
+    raw = saved(source)
+    image = decode_stream(raw)
+    assert [(p.kind, p.uuid) for p in image.pools] == [
+        ("ephemeral/shared", (5, 6)),
+        ("persistent/shared", (7, 8)),
+    ]
+    target = restored(raw)
+    assert saved(target, 4) == raw
+    assert [p.uuid for p in target.client(4).pools if p is not None] == [(5, 6), (7, 8)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -199,8 +198,39 @@ def test_tmemctl_reports_an_unreachable_server(tmp_path: Path, capsys: pytest.Ca
     assert err.startswith("tmemctl: ") and err.count("\n") == 1
 
 
-def test_daemon_process_is_gone_after_stop(tmp_path: Path):
+def test_sigint_stops_the_daemon_cleanly(tmp_path: Path):
     running = start_tmemd(tmp_path)
-    assert running.stop() == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(running.process.pid, 0)
+    try:
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(timeout=10) == 0
+        assert "shutting down" in running.log.read_text() and "Traceback" not in running.log.read_text()
+        assert running.process.stdout is not None
+        assert running.process.stdout.read().strip() == f"tmemd listening on {running.address}"
+    finally:
+        running.process.kill()
+        running.process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flags", [["--spec", "v0"], ["--dedup", "--tze"], ["--compress-default"]])
+def test_host_options_reach_the_host(tmp_path: Path, flags: list[str], capsys: pytest.CaptureFixture[str]):
+    running = start_tmemd(tmp_path, *flags)
+    try:
+        version = abi.SPEC_V0 if "v0" in flags else abi.SPEC_V1
+        with RemoteTmem(running.address, 1) as remote:
+            assert new_pool(remote, version=abi.SPEC_V1 - version) == -1  # the other version: EPERM
+            assert new_pool(remote, version=version) == 0
+            for index in range(3):
+                record = abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1, index, version=version)
+                assert remote.do_tmem_op(record, bytearray(PAGE)) == 1
+        assert tmemctl(["--server", running.address, "list", "--long"]) == 0
+        out = capsys.readouterr().out
+        if "--dedup" in flags:
+            assert ",Gd:2," in out  # two of the three identical pages were deduplicated
+        if "--compress-default" in flags:
+            assert "co:1" in out
+        stream = tmp_path / "saved.tmem"
+        assert tmemctl(["--server", running.address, "save", "1", str(stream)]) == 0
+        assert decode_stream(stream.read_bytes()).version == version  # v0 host: 40-byte control records
+    finally:
+        running.process.kill()
+        running.process.wait(timeout=10)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tmemcore import abi, wire
 from tmemcore.server import TmemServer, answer, parse_size
@@ -218,3 +220,48 @@ def test_silent_server_times_out(tmp_path: Path):
         with pytest.raises(TimeoutError):
             remote.do_tmem_op(get_record(1), bytearray(4))  # connect succeeds, no welcome ever comes
         assert time.monotonic() - started < 2
+
+
+def test_write_only_control_ops_send_only_the_size():
+    listing = abi.control_record(abi.TMEMC_LIST, arg1=1 << 20)
+    assert wire.buffer_mode_for(listing, bytearray(8)) == wire.BUF_SIZE
+    put_back = abi.control_record(abi.TMEMC_RESTORE_PUT_PAGE, 1, arg1=4096)
+    assert wire.buffer_mode_for(put_back, bytearray(8)) == wire.BUF_SEND
+    v0_listing = abi.control_record(abi.TMEMC_LIST, arg1=16, version=0)
+    assert wire.buffer_mode_for(v0_listing, bytearray(8)) == wire.BUF_SIZE
+    assert len(wire.encode_request(listing, bytearray(1 << 20))) == 6 + 56
+
+
+def test_connections_beyond_the_limit_are_refused():
+    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=1)
+    address = server.start()
+    try:
+        first = RemoteTmem(address, 1)
+        assert first.do_tmem_op(get_record(1), bytearray(4)) == 1
+        assert server.connection_count() == 1
+        second = RemoteTmem(address, 2, timeout=2.0)
+        with pytest.raises(OSError):
+            second.do_tmem_op(get_record(1), bytearray(4))
+        first.close()
+        deadline = time.monotonic() + 5
+        while server.connection_count() and time.monotonic() < deadline:
+            time.sleep(0.01)  # poll until the server noticed the close
+        assert second.do_tmem_op(get_record(1), bytearray(4)) == 1
+        second.close()
+        server.check()
+    finally:
+        server.stop()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120))
+def test_random_payloads_are_answered_or_refused_as_protocol_errors(payload: bytes):
+    from tmemcore.tmem import Tmem
+
+    host = Tmem(memory_pages=4)
+    try:
+        rc, buffer = wire.decode_response(answer(host, 1, payload))
+    except wire.ProtocolError:
+        return
+    assert isinstance(rc, int) and (buffer is None or isinstance(buffer, bytes))
+    host.check()
