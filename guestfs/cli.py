@@ -129,7 +129,7 @@ def run_mount(args: argparse.Namespace) -> int:
         try:
             handle = mounting.start_mount(config.source, config.mountpoint, config.to_args()
                                           + ["-v"] * args.verbose, timeout=args.timeout, log_path=args.log)
-        except mounting.MountError as exc:
+        except (mounting.MountError, OSError) as exc:  # OSError: e.g. the --log file cannot be created
             return _fail(f"guestfs mount: {exc}")
         print(f"guestfs: mounted {config.source} on {config.mountpoint} (pid {handle.process.pid}, "
               f"log {handle.log_path})")

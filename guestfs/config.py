@@ -109,8 +109,12 @@ class MountConfig:
             raise ValueError(f"mountpoint {self.mountpoint} is already a FUSE mount (guestfs umount it first)")
         if not os.path.isdir(self.mountpoint):
             raise ValueError(f"mountpoint {self.mountpoint} is not a directory")
-        if os.path.realpath(self.mountpoint) == os.path.realpath(self.source):
+        source, mountpoint = os.path.realpath(self.source), os.path.realpath(self.mountpoint)
+        if source == mountpoint:
             raise ValueError("source and mountpoint must differ")
+        if os.path.commonpath([source, mountpoint]) in (source, mountpoint):
+            # the daemon would reach its own mount through the backing path and wait on itself forever
+            raise ValueError(f"mountpoint {mountpoint} and source {source} must not contain each other")
         if self.page_cache_pages < 1 or self.tmem_pages < 1:
             raise ValueError("cache sizes must be at least one page")
         _choice(self.abi, ABIS, "--abi")

@@ -85,7 +85,7 @@ class _FusepyOps(Ops):
         return getattr(self, op)(*args)
 
 
-def fuse_kwargs(config: MountConfig, binding: types.ModuleType) -> dict[str, Any]:
+def fuse_kwargs(config: MountConfig) -> dict[str, Any]:
     """FUSE() keyword arguments: the common subset of both bindings and libfuse 2/3."""
     kwargs: dict[str, Any] = {
         "foreground": True,  # never let libfuse fork: Python threads and state do not survive it
@@ -120,14 +120,14 @@ def mount(config: MountConfig) -> int:
     binding = load_binding(config.binding)
     stack = build_stack(config.stack_config())  # fallible setup happens before FUSE() (see fuse-notes §1.5)
     mount_info = {"binding": config.binding, "libfuse": libfuse_major(binding), "source": config.source,
-                  "pid": os.getpid()}
+                  "pid": os.getpid(), "threads": config.threads, "attr_timeout": config.attr_timeout}
     ops_class = _FusepyOps if config.binding == "fusepy" else Ops
     ops = ops_class(config.source, stack.pageio, key_for_fd=key_for_fd, key_for_path=key_for_path,
                     stats=lambda: {**stack.stats(), "mount": mount_info})
     _log.info("mounting %s on %s (%s, libfuse%d, cache mode after init: %s)", config.source, config.mountpoint,
               config.binding, libfuse_major(binding), stack.cleancache.mode)
     try:
-        _fuse_class(binding)(ops, config.mountpoint, **fuse_kwargs(config, binding))
+        _fuse_class(binding)(ops, config.mountpoint, **fuse_kwargs(config))
     except RuntimeError as exc:
         if exc.args != (LIBFUSE3_SIGNAL_EXIT,):
             raise MountError(f"libfuse could not serve {config.mountpoint} (fuse_main returned {exc.args[0]}); "

@@ -41,7 +41,8 @@ class Client:
         self.host = host
         self.cli_id = cli_id
         self.pools: list[TmemPool | None] = [None] * MAX_POOLS_PER_DOMAIN
-        self.version: int | None = None
+        self._version: int | None = None
+        self.record_size = 0
         self.weight = 0
         self.cap = 0
         self.compress = host.compress_default
@@ -53,6 +54,7 @@ class Client:
         self.eph_pages: deque[list[Any]] = deque()  # FIFO of ephemeral descriptors (eviction.py)
         self.eph_count = 0
         self.eph_count_max = 0
+        self.compact_at = 256  # eviction.compact_limit: when eph_pages is next squeezed
         self.pers_count = 0  # persistent pages charged to this client
         self.max_pages: int | None = None  # persistent page limit (Xen: domain max_pages)
         self.invalidated: list[tuple[int, int, int]] = []  # (pool_id, oid, index) flushed while migrating
@@ -67,9 +69,15 @@ class Client:
         return f"Client({self.cli_id}, pools={[p.pool_id for p in self.pools if p]})"
 
     @property
-    def record_size(self) -> int | None:
-        """The gen-record length this client must use, or None while it has no version."""
-        return None if self.version is None else (56 if self.version == 1 else 40)
+    def version(self) -> int | None:
+        """The spec version of this client's pools (None until its first pool)."""
+        return self._version
+
+    @version.setter
+    def version(self, version: int | None) -> None:
+        self._version = version
+        # the gen-record length this client must use (0: none yet); read on every hypercall
+        self.record_size = 0 if version is None else (56 if version == 1 else 40)
 
     # --- pools ----------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ append at the tail, eviction takes from the head. A shared-ephemeral get and a d
 reprieve move a page to the tail of both lists.
 
 The lists are ``deque``s of descriptors with *lazy deletion*: removing a page only marks
-its descriptor dead (``node[POOL] = None``); dead entries are skipped when they reach the
+its descriptor dead (``node.clear()``: an empty list is false); dead entries are skipped when they reach the
 head and squeezed out when they outnumber live ones. Moving a page to the tail means
 killing its descriptor and appending a fresh one. This keeps a put at two deque appends
 (no hashing) and costs 16 bytes per page instead of two OrderedDict entries.
@@ -37,14 +37,14 @@ if TYPE_CHECKING:
     from .client import Client
 
 Node = list[Any]
-SLACK = 256  # dead entries tolerated before a list is compacted, beyond one per live page
+SLACK = 256  # dead entries tolerated before a list is compacted, beyond one per two live pages
 
 
 class EphemeralLists:
     """The global ephemeral FIFO plus the counters of evictions (Xen names)."""
 
     def __init__(self, clients: "dict[int, Client]") -> None:
-        self.clients = clients  # the host's client table (compaction visits every list)
+        self.clients = clients  # the host's client table (for the share computation)
         self.global_list: deque[Node] = deque()
         self.global_eph_count = 0
         self.global_eph_count_max = 0
@@ -69,17 +69,19 @@ class EphemeralLists:
             owner.eph_count_max = owner.eph_count
         if self.global_eph_count > self.global_eph_count_max:
             self.global_eph_count_max = self.global_eph_count
-        if len(gl) > self.compact_at:
-            self.compact()
+        if len(gl) > self.compact_at or len(owner.eph_pages) > owner.compact_at:
+            self.compact(owner)
 
-    def compact(self) -> None:
-        """Squeeze dead descriptors out of every list (the global one has more dead entries
-        than live ones plus slack). Each descriptor is on the global list and exactly one
-        client list, so this costs O(global list) and, amortized, O(1) per put."""
-        self.global_list = compact(self.global_list)
-        for client in self.clients.values():
-            client.eph_pages = compact(client.eph_pages)
-        self.compact_at = 2 * len(self.global_list) + SLACK
+    def compact(self, owner: "Client") -> None:
+        """Squeeze dead descriptors out of whichever of the global list and ``owner``'s list
+        has grown past its limit (evictions pop dead entries only from the list they scan,
+        so each list is watched on its own)."""
+        if len(self.global_list) > self.compact_at:
+            self.global_list = compact(self.global_list)
+            self.compact_at = compact_limit(len(self.global_list))
+        if len(owner.eph_pages) > owner.compact_at:
+            owner.eph_pages = compact(owner.eph_pages)
+            owner.compact_at = compact_limit(len(owner.eph_pages))
 
     def forget(self, owner: "Client") -> None:
         """One of ``owner``'s ephemeral descriptors died (the caller marked it)."""
@@ -119,10 +121,10 @@ class EphemeralLists:
         queue = owner.eph_pages if own else self.global_list  # type: ignore[union-attr]
         while queue:
             node = queue[0]
-            pool = node[POOL]
-            if pool is None:
+            if not node:  # dead descriptor
                 queue.popleft()
                 continue
+            pool = node[POOL]
             stored = node[DATA]
             if type(stored) is Pcd and stored.refs > 1 and len(node) <= REPRIEVED:
                 queue.popleft()
@@ -138,18 +140,18 @@ class EphemeralLists:
         changed owner: its pages move to the new owner's list, in their global order)."""
         for client in clients:
             client.eph_pages = deque(
-                n for n in self.global_list if n[POOL] is not None and n[POOL].client is client
+                n for n in self.global_list if n and n[POOL].client is client
             )
 
     def check(self, clients: "list[Client]", live_nodes: dict[int, Node]) -> None:
         """``live_nodes``: id -> descriptor of every ephemeral page held by a pool."""
-        on_global = [n for n in self.global_list if n[POOL] is not None]
+        on_global = [n for n in self.global_list if n]
         assert len(on_global) == self.global_eph_count, "global ephemeral count != live pages on the global list"
         assert {id(n) for n in on_global} == set(live_nodes), "global list and stored ephemeral pages differ"
         assert len({id(n) for n in on_global}) == len(on_global), "a page is on the global list twice"
         assert sum(c.eph_count for c in clients) == self.global_eph_count, "sum of client counts != global count"
         for client in clients:
-            mine = [n for n in client.eph_pages if n[POOL] is not None]
+            mine = [n for n in client.eph_pages if n]
             assert len(mine) == client.eph_count, f"client {client.cli_id}: eph_count != live pages on its list"
             assert len({id(n) for n in mine}) == len(mine), f"client {client.cli_id}: a page is on its list twice"
             for n in mine:
@@ -159,4 +161,12 @@ class EphemeralLists:
 
 
 def compact(queue: deque[Node]) -> deque[Node]:
-    return deque(n for n in queue if n[POOL] is not None)
+    """The live descriptors of a list, in order."""
+    return deque(n for n in queue if n)
+
+
+def compact_limit(live: int) -> int:
+    """Length at which a list holding ``live`` descriptors is compacted again: at most about
+    one dead entry per two live ones, so compaction is amortized O(1) per append and dead
+    descriptors (56-byte empty lists) cost at most ~36 bytes per stored page."""
+    return live * 3 // 2 + SLACK

@@ -73,26 +73,56 @@ class Hypercall:
 
     def __init__(self, host: "Tmem") -> None:
         self.host = host
+        self.lock = host.lock
         self.total_tmem_ops = 0
         self.errored_tmem_ops = 0
         self.failed_copies = 0
         self.record_sizes = frozenset(V1_SIZE if v == 1 else V0_SIZE for v in host.accepted_versions)
 
-    def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | memoryview | None) -> int:
-        self.total_tmem_ops += 1
-        try:
-            rc = self._dispatch(client_id, op, page)
-        except TmemError as exc:
-            if isinstance(exc, BadAddress):
-                self.failed_copies += 1
-            rc = -exc.errno
-        if rc < 0:
-            self.errored_tmem_ops += 1
-        return rc
+    def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | memoryview | None = None) -> int:
+        """Takes the host lock once; Tmem binds its ``do_tmem_op`` straight to this."""
+        with self.lock:
+            self.total_tmem_ops += 1
+            try:
+                rc = self._dispatch(client_id, op, page)
+            except TmemError as exc:
+                if isinstance(exc, BadAddress):
+                    self.failed_copies += 1
+                rc = -exc.errno
+            if rc < 0:
+                self.errored_tmem_ops += 1
+            return rc
 
     # --- dispatch ---------------------------------------------------------------------------------
 
     def _dispatch(self, client_id: int, op: bytes, page: bytearray | memoryview | None) -> int:
+        """Full-page PUT and GET of an existing client/pool take the fast path here; every
+        other record (and every error) goes through ``_dispatch_general``."""
+        client = self.host.clients.get(client_id)
+        if client is not None and type(op) is bytes and len(op) == client.record_size and self.host.enabled:
+            if client.record_size == V1_SIZE:
+                cmd, pool_id, w0, w1, w2, index, _, _, _, _ = _GEN_V1.unpack(op)
+                oid = w0 | w1 << 64 | w2 << 128 if w1 or w2 else w0
+                oid_limit = OID_MAX
+            else:
+                cmd, pool_id, oid, index, _, _, _, _ = _GEN_V0.unpack(op)
+                oid_limit = V0_OID_MAX
+            if (cmd == TMEM_PUT_PAGE or cmd == TMEM_GET_PAGE) and 0 <= pool_id < MAX_POOLS_PER_DOMAIN:
+                pool = client.pools[pool_id]
+                if pool is not None and type(page) is bytearray and len(page) == PAGE_SIZE:
+                    if cmd == TMEM_PUT_PAGE:
+                        if oid < oid_limit:
+                            pool.put(client, oid, index, bytes(page))
+                            return 1
+                    elif pool.npages:
+                        got = pool.get(client, oid, index)
+                        if got is None:
+                            return 0
+                        page[:] = got
+                        return 1
+        return self._dispatch_general(client_id, op, page)
+
+    def _dispatch_general(self, client_id: int, op: bytes, page: bytearray | memoryview | None) -> int:
         if not self.host.enabled:
             raise NoDevice("tmem is not enabled on this host")
         if not isinstance(op, (bytes, bytearray, memoryview)):
@@ -113,8 +143,8 @@ class Hypercall:
             return self._creat(client_id, client, cmd, op)
         if cmd not in GEN_CMDS:
             raise NotImplementedOp(f"unknown tmem command {cmd}")
-        expected = client.record_size if client is not None else None
-        if expected is None:
+        expected = client.record_size if client is not None else 0
+        if not expected:
             if size not in self.record_sizes:
                 raise BadAddress(f"a {size}-byte record is not a layout this host accepts")
         elif size != expected:

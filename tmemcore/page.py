@@ -5,7 +5,7 @@ and a list literal is the cheapest container Python builds (see docs/tmemcore.md
 "memory per page")::
 
     node = [stored, pool, oid, index]        # DATA, POOL, OID, INDEX
-    node[POOL] is None                       # the descriptor is dead (page removed)
+    not node                                 # the descriptor is dead: cleared when its page went
 
 The same list sits in its object's index dict and, for ephemeral pages, on the global and
 the client's FIFO (eviction.py), or, for persistent pages, on its pool's put-order list.

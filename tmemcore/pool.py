@@ -168,7 +168,7 @@ class TmemPool:
             owner.pers_count += 1
             owner.succ_pers_puts += 1
             if len(self.pers_order) > 2 * self.npages + 256:
-                self.pers_order = deque(n for n in self.pers_order if n[POOL] is not None)
+                self.pers_order = deque(n for n in self.pers_order if n)
         else:  # EphemeralLists.append, inlined (hot path)
             eviction = host.eviction
             global_list = eviction.global_list
@@ -180,8 +180,8 @@ class TmemPool:
                 owner.eph_count_max = owner.eph_count
             if eviction.global_eph_count > eviction.global_eph_count_max:
                 eviction.global_eph_count_max = eviction.global_eph_count
-            if len(global_list) > eviction.compact_at:
-                eviction.compact()
+            if len(global_list) > eviction.compact_at or len(owner.eph_pages) > owner.compact_at:
+                eviction.compact(owner)
             host.tot_good_eph_puts += 1
         if self.shared:
             self.last_client[oid] = caller.cli_id
@@ -213,8 +213,7 @@ class TmemPool:
             if not obj:
                 del self.objects[oid]
                 host.obj_count -= 1
-            node[POOL] = None
-            node[DATA] = None
+            node.clear()
             host.used_bytes -= PAGE_SIZE
             host.npages -= 1
             self.npages -= 1
@@ -254,8 +253,7 @@ class TmemPool:
         if reprieve:
             fresh.append(True)
         self.objects[node[OID]][node[INDEX]] = fresh
-        node[POOL] = None
-        node[DATA] = None
+        node.clear()
         self.host.eviction.forget(self.client)
         self.host.eviction.append(fresh, self.client)
 
@@ -318,26 +316,26 @@ class TmemPool:
             if self.shared:
                 self.last_client.pop(oid, None)
         stored = node[DATA]
-        node[POOL] = None
-        node[DATA] = None
-        host.used_bytes -= PAGE_SIZE if type(stored) is bytes else host.codec.release(stored, owner.compress_stats)
-        host.npages -= 1
-        self.npages -= 1
         if self.persistent:
             owner.pers_count -= 1
             if owner.live_migrating:
                 owner.invalidated.append((self.pool_id, oid, node[INDEX]))
         else:
-            host.eviction.forget(owner)
+            host.eviction.global_eph_count -= 1
+            owner.eph_count -= 1
+        node.clear()
+        host.used_bytes -= PAGE_SIZE if type(stored) is bytes else host.codec.release(stored, owner.compress_stats)
+        host.npages -= 1
+        self.npages -= 1
 
     # --- save support -----------------------------------------------------------------------------
 
     def next_saved_page(self) -> Node | None:
         """The next persistent page in put order for SAVE_GET_NEXT_PAGE, or None at the end."""
         if self.save_cursor is None:
-            self.save_cursor = iter([n for n in self.pers_order if n[POOL] is not None])
+            self.save_cursor = iter([n for n in self.pers_order if n])
         for node in self.save_cursor:
-            if node[POOL] is not None:
+            if node:
                 return node
         return None
 
@@ -357,7 +355,7 @@ class TmemPool:
                 count += 1
         assert count == self.npages, f"{self!r}: pgp_count {self.npages} != {count} pages held"
         if self.persistent:
-            on_list = [n for n in self.pers_order if n[POOL] is not None]
+            on_list = [n for n in self.pers_order if n]
             assert len(on_list) == count, f"{self!r}: persistent put-order list out of step"
             assert len({id(n) for n in on_list}) == count, f"{self!r}: a page is on the put-order list twice"
         if self.shared:
@@ -387,7 +385,7 @@ class Pool:
         self._pool = pool
         self._lock = client.host.lock
         # the all-ones oid of the client's version is the save-stream terminator: never stored
-        self._oid_limit = V0_OID_MAX if pool.version == 0 else OID_MAX
+        self._oid_limit = V0_OID_MAX if client.version == 0 else OID_MAX
 
     @property
     def persistent(self) -> bool:
@@ -442,6 +440,8 @@ class Pool:
             return pool.get(self.client, oid, index)
 
     def flush_page(self, oid: int, index: int) -> bool:
+        """True if the page was there. (A frozen client's flushes act; the ABI's -EFROZEN
+        answer has no Python counterpart.)"""
         self._key(oid, index)
         with self._lock:
             return self._live().flush_page(oid, index)

@@ -12,7 +12,6 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 PAGE_BYTES = 4096
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt])(i?b)?\s*$", re.IGNORECASE)
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
     live = sub.add_parser("live", formatter_class=_Formatter, help="zipf workload through a real mount, tmem sweep",
-                          description="A seeded zipf read workload (fio when installed and --fio, else built in) "
+                          description="A seeded zipf read workload (fio when installed, else a built-in reader) "
                           "through a real guestfs mount for each tmem size, with and without compression.")
     live.add_argument("--source", type=Path, default=None, help="backing tree (default: a copy of text files from /usr/share)")
     live.add_argument("--tmem-sizes", type=parse_page_list, default=[0, 1024, 4096], help="tmem sizes a,b,c")
@@ -129,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--compress", action="store_true", help="also run every size with host compression")
     live.add_argument("--reads", type=int, default=4000, help="4 KiB reads per run")
     live.add_argument("--files", type=int, default=200, help="files in the generated source tree")
-    live.add_argument("--fio", action="store_true", help="use fio (random_distribution=zipf) when installed")
+    live.add_argument("--workload", choices=("auto", "fio", "builtin"), default="auto",
+                      help="auto: fio (random_distribution=zipf) when installed, else the built-in zipf reader, "
+                      "which also checks every byte read")
     live.add_argument("--seed", type=int, default=1, help="workload seed")
     live.add_argument("--out", type=Path, default=None, help="output directory (default ./results/live)")
     live.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")

@@ -217,13 +217,15 @@ def run_keying_experiment(args: Any, out: Path) -> str:
             rows[-1]["tree"] = "btrfs image: subvolumes a, b"
         payload["trees"] = rows
         sections.append(("Keys of real trees (one tmem pool per tree)", "```\n" + format_table(rows) + "\n```"))
-        scratch_parents = dict.fromkeys(scratch_parent_for(tree) for tree in trees)  # one per filesystem
-        reuse = [inode_reuse(parent) for parent in scratch_parents]
+        scratch_parents: dict[Path, str] = {}  # one scratch dir per filesystem, named after its tree
+        for tree, row in zip(trees, rows):
+            scratch_parents.setdefault(scratch_parent_for(tree), row["tree"])
+        reuse = [dict(inode_reuse(parent), tree=label) for parent, label in scratch_parents.items()]
         payload["inode_reuse"] = reuse
         sections.append(("Inode reuse after delete-and-create", "\n".join(
-            f"- scratch dir in {r['scratch_parent']}: the new file got the deleted file's st_ino in "
-            f"{r['ino_reused']}/{r['attempts']} creations (an `ino` fold collision each time); "
-            f"its v1 oid was the old one {r['v1_oid_reused']} times" for r in reuse)))
+            f"- {r['tree']} (scratch dir under {r['scratch_parent']}): a new file got the deleted file's st_ino "
+            f"in {r['ino_reused']}/{r['attempts']} creations (each one an `ino` fold collision); "
+            f"its v1 oid equalled the old one {r['v1_oid_reused']} times" for r in reuse)))
         if args.live:
             live_rows = live_keying(btrfs_root or trees[0], seed=1)
             payload["live"] = live_rows

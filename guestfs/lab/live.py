@@ -3,8 +3,9 @@
 The built-in workload is a seeded Zipf(alpha) sequence of 4 KiB preads over all pages of all
 files in the source tree (popularity ranks shuffled by the seed), run against the mountpoint;
 every read is compared with the backing file's bytes (``wrong_reads`` must be 0). With
-``use_fio`` and fio installed, fio's own ``random_distribution=zipf`` drives one large file
-instead (its bytes are not checked).
+fio (the default of ``guestfs lab live`` when fio is installed; ``--workload builtin`` forces the
+checked reader), fio's own ``random_distribution=zipf`` drives one file made by concatenating the
+tree's files (fio's bytes are not checked).
 
 Counters come from the daemon's ``Stack.stats()`` as ``guestfs stats --json`` prints them
 (``guestfs.mount.read_stats``); ``backing_bytes_read`` is what the mount read from the backing
@@ -118,11 +119,29 @@ def run_reads(mountpoint: Path, source: Path, plan: ReadPlan) -> dict[str, Any]:
             "reads_per_second": len(plan.reads) / seconds if seconds else 0.0}
 
 
+FIO_FILE = "fio-zipf.dat"
+
+
+def add_fio_file(source: Path, max_bytes: int = 16 << 20) -> str:
+    """Concatenate the tree's files into one file for fio (fio's zipf works over one file)."""
+    target = source / FIO_FILE
+    if not target.exists():
+        with open(target, "wb") as out:
+            for path in sorted(source.rglob("*")):
+                if out.tell() >= max_bytes:
+                    break
+                if path.is_file() and not path.is_symlink() and path != target:
+                    out.write(path.read_bytes()[: max_bytes - out.tell()])
+    return FIO_FILE
+
+
 def run_fio(mountpoint: Path, big_file: str, reads: int, seed: int) -> dict[str, Any]:
     """fio randread with a zipf distribution over one file of the mount (bytes not checked)."""
+    size = (mountpoint / big_file).stat().st_size
     command = ["fio", "--name=zipf", f"--filename={mountpoint / big_file}", "--rw=randread", "--bs=4k",
-               "--random_distribution=zipf:0.9", f"--number_ios={reads}", f"--randseed={seed}",
-               "--ioengine=psync", "--output-format=terse", "--minimal"]
+               "--random_distribution=zipf:0.9", f"--number_ios={reads}", f"--io_size={reads * PAGE_BYTES * 4}",
+               f"--size={size // PAGE_BYTES * PAGE_BYTES}", f"--randseed={seed}", "--ioengine=psync",
+               "--output-format=terse"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
@@ -150,19 +169,22 @@ def live_run(
     seed: int = 1,
     timeout: float = 20.0,
 ) -> dict[str, Any]:
-    """Mount ``source``, run the workload, return the workload result plus the daemon's stats."""
+    """Mount ``source``, run the workload, return the workload result plus the daemon's stats.
+
+    With ``use_fio`` the tree must already hold ``FIO_FILE`` (``add_fio_file``)."""
     from guestfs.mount import start_mount
 
     with tempfile.TemporaryDirectory(prefix="guestfs-lab-mnt-") as mountpoint:
         handle = start_mount(str(source), mountpoint, mount_args(page_cache_pages, tmem_pages, abi=abi, fold=fold,
                                                                  compress=compress), timeout=timeout)
         try:
-            if use_fio and shutil.which("fio"):
-                biggest = max(range(len(plan.files)), key=lambda i: plan.sizes[i])
-                workload = run_fio(Path(mountpoint), plan.files[biggest], len(plan.reads), seed)
+            if use_fio:
+                workload = run_fio(Path(mountpoint), add_fio_file(source), len(plan.reads), seed)
             else:
                 workload = run_reads(Path(mountpoint), source, plan)
             stats = handle.stats()
+            if use_fio:  # what fio issued, as the daemon counted it
+                workload["reads"] = int(stats.get("reads", workload["reads"]))
         finally:
             handle.unmount(timeout=timeout)
     return {"page_cache_pages": page_cache_pages, "tmem_pages": tmem_pages, "abi": abi, "fold": fold,
@@ -206,12 +228,15 @@ def run_live_experiment(args: argparse.Namespace, out: Path) -> str:
     sizes = args.tmem_sizes if args.tmem_sizes != "auto" else [0, 1024, 4096, 16384]
     with tempfile.TemporaryDirectory(prefix="guestfs-lab-src-") as scratch:
         source = args.source or make_text_tree(Path(scratch) / "src", args.files, seed=args.seed)
+        use_fio = args.workload == "fio" or (args.workload == "auto" and shutil.which("fio") is not None)
+        if use_fio:
+            add_fio_file(source)  # before planning, so both workloads see the same tree
         plan = plan_reads(source, args.reads, seed=args.seed)
         runs = []
         for compress in ([False, True] if args.compress else [False]):
             for tmem_pages in sizes:
                 runs.append(live_run(source, plan, page_cache_pages=args.page_cache, tmem_pages=tmem_pages,
-                                     compress=compress, use_fio=args.fio, seed=args.seed))
+                                     compress=compress, use_fio=use_fio, seed=args.seed))
     rows = [flatten(run) for run in runs]
     report.write_csv(out / "live.csv", rows)
     report.write_json(out / "live.json", {"meta": report.run_metadata(), "distinct_pages": plan.distinct_pages,
@@ -223,8 +248,10 @@ def run_live_experiment(args: argparse.Namespace, out: Path) -> str:
                                                                       [r.get("tmem_hit_ratio", 0.0) for r in subset])})
     columns = ["tmem_pages", "compress", "reads", "wrong_reads", "page_cache_hits", "succ_gets", "hit_ratio",
                "backing_bytes_read", "host_used_bytes", "host_compressed_pages"]
-    body = (f"{len(plan.reads):,} zipf(0.9) 4 KiB reads over {len(plan.files)} files "
-            f"({plan.distinct_pages:,} distinct pages), page cache {args.page_cache} pages.\n\n"
+    workload = (f"fio randread zipf:0.9 over {FIO_FILE} (bytes not checked)" if use_fio else
+                f"built-in zipf(0.9) reader over {len(plan.files)} files ({plan.distinct_pages:,} distinct pages), "
+                "every read checked against the backing file")
+    body = (f"{len(plan.reads):,} 4 KiB reads per run: {workload}; page cache {args.page_cache} pages.\n\n"
             + report.markdown_table(rows, columns))
     report.write_summary(out / "summary.md", "Live mount: tmem sweep", [("Runs", body)])
     return body

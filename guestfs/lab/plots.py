@@ -40,7 +40,9 @@ def plot_curves(
             continue
         ax.plot(list(xs), [100 * y for y in ys], marker="o" if len(xs) < 30 else None, markersize=3, label=label)
     if logx:
-        ax.set_xscale("symlog", linthresh=1)
+        # linear up to the smallest positive size, so a 0 ("no tmem") point sits next to the rest
+        positive = [x for xs, _ in curves.values() for x in xs if x > 0]
+        ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -65,6 +65,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _md_cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{100 * value:.2f} %" if 0.0 <= value <= 1.0 else f"{value:,.1f}"
     if isinstance(value, int):

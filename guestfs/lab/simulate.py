@@ -221,7 +221,7 @@ def build_guest(
     return StackParts(PageCache(page_cache_pages, cleancache), cleancache, tmem)
 
 
-def new_host(tmem_pages: int, *, abi: str = "v1", compress: bool = False) -> Any:
+def new_host(tmem_pages: int, *, abi: str = "v1") -> Any:
     """An embedded tmemcore host of ``tmem_pages`` pages, or None for "no tmem"."""
     if tmem_pages <= 0:
         return None
@@ -289,12 +289,12 @@ def replay_stack(
     """
     if page_cache_pages < 1 or tmem_pages < 0:
         raise ValueError("page cache needs at least 1 page and tmem at least 0 pages")
-    tmem = new_host(tmem_pages, abi=abi, compress=compress)
+    tmem = new_host(tmem_pages, abi=abi)
     guest = build_guest(page_cache_pages, tmem, abi=abi, fold=fold, tracked_pages=max(1 << 20, 2 * keys.size))
     if compress and tmem is not None:
         enable_compression(tmem, 1)
     started = time.perf_counter()
-    counts = _replay_into(guest, keys.tolist(), progress, check_every)
+    counts = replay_into(guest, keys.tolist(), progress, check_every)
     seconds = time.perf_counter() - started
     result = SimResult(
         trace,
@@ -318,7 +318,7 @@ def replay_stack(
     return result
 
 
-def _replay_into(guest: StackParts, items: list[int], progress: Progress, check_every: int) -> dict[str, int]:
+def replay_into(guest: StackParts, items: list[int], progress: Progress, check_every: int) -> dict[str, int]:
     """The replay loop: hot path, so locals are bound once and page stamps built only when needed."""
     get_or_load = guest.cache.get_or_load
     file_key = FileKeys()
@@ -363,12 +363,15 @@ def simulate_configs(
     from .mrc import LruCurve
     from .opt import belady_hits, next_use
 
+    started = time.perf_counter()
     curve = LruCurve.of(trace.keys) if engine == "fast" else None
+    curve_seconds = time.perf_counter() - started  # one pass serves every configuration
     future = next_use(trace.keys) if opt else None
     results = []
     for tmem_pages in tmem_sizes:
         if engine == "fast":
             result = fast_counts(curve, page_cache_pages, tmem_pages, trace=trace.name)
+            result.seconds = curve_seconds
             if progress is not None:
                 progress(trace.requests)
         elif engine == "model":

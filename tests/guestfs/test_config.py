@@ -62,7 +62,11 @@ def test_mount_config_validates_paths(tmp_path: Path) -> None:
         (source, tmp_path / "file", "is not a directory"),
         (source, tmp_path / "missing", "is not a directory"),
         (source, source, "must differ"),
+        (source, source / "inner", "must not contain each other"),
+        (mnt / "inner", mnt, "must not contain each other"),
     ]
+    (source / "inner").mkdir()
+    (mnt / "inner").mkdir()
     for src, mountpoint, message in cases:
         with pytest.raises(ValueError, match=message):
             MountConfig.create(str(src), str(mountpoint))

@@ -192,6 +192,19 @@ class TestFileData:
         ops.release("/dir/a.txt", fi)
         assert ops.open_file_count() == 0
 
+    def test_reopens_share_one_key_instance(self, ops: Ops, pageio: RecordingPageIO,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """Identity lets cache lookups skip FileKey.__eq__; the intern table stays bounded."""
+        for _ in range(2):
+            fi = open_file(ops, "/dir/a.txt")
+            ops.read("/dir/a.txt", 1, 0, fi)
+            ops.release("/dir/a.txt", fi)
+        first, second = (call[1] for call in pageio.named("read"))
+        assert first is second
+        monkeypatch.setattr("guestfs.ops.CANONICAL_KEYS_MAX", 1)
+        create_file(ops, "/other")
+        assert len(ops._canonical_keys) == 1
+
     def test_create_write_read_roundtrip(self, ops: Ops, backing: Path, pageio: RecordingPageIO) -> None:
         fi = create_file(ops, "/new.bin", b"abc" * 1000, mode=0o640)
         assert fi.direct_io == 1
@@ -201,6 +214,11 @@ class TestFileData:
         # write-only opens get a read-write backing fd so PageIO may read partial pages
         assert ops.read("/new.bin", 3, 3, fi) == b"abc"
         ops.release("/new.bin", fi)
+
+    def test_exclusive_create_of_an_existing_file_fails(self, ops: Ops, backing: Path) -> None:
+        fi = FakeFileInfo(flags=os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        assert errno_of(ops.create, "/dir/a.txt", 0o644, fi) == errno.EEXIST
+        assert (backing / "dir" / "a.txt").read_bytes() == b"hello world\n" and ops.open_file_count() == 0
 
     def test_o_direct_is_stripped_on_the_backing_open(self, ops: Ops) -> None:
         fi = open_file(ops, "/dir/a.txt", os.O_RDONLY | os.O_DIRECT)

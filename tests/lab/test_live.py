@@ -87,3 +87,26 @@ def test_live_keying_on_btrfs_subvolumes_counts_ino_collisions(tmp_path: Path) -
     assert rows["v1"]["fold_collisions"] == 0
     assert rows["v0-ino"]["fold_collisions"] > 0
     assert rows["v0-ino"]["succ_gets"] < rows["v1"]["succ_gets"]  # the guard bypasses the colliding files
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("workload", ["builtin", "fio"])
+def test_live_command_writes_a_sweep(tmp_path: Path, workload: str) -> None:
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if workload == "fio" and shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    import json
+
+    from guestfs.lab.cli import main
+
+    out = tmp_path / "out"
+    code = main(["--quiet", "live", "--tmem-sizes", "0,512", "--reads", "400", "--files", "12", "--page-cache", "8",
+                 "--workload", workload, "--out", str(out)])
+    assert code == 0
+    runs = json.loads((out / "live.json").read_text())["runs"]
+    assert [r["tmem_pages"] for r in runs] == [0, 512]
+    assert all(r["wrong_reads"] == 0 and r["reads"] == 400 for r in runs)
+    assert runs[1]["stats"]["succ_gets"] > runs[0]["stats"]["succ_gets"]
+    assert (out / "summary.md").is_file() and (out / "live.csv").is_file()

@@ -12,7 +12,7 @@ pytest.importorskip("tmemcore.tmem", reason="the tmemcore host (tmemcore/tmem.py
 from guestfs.lab.mrc import LruCurve  # noqa: E402
 from guestfs.lab.simulate import (  # noqa: E402
     StackParts,
-    _replay_into,
+    replay_into,
     build_guest,
     fast_counts,
     replay_stack,
@@ -93,7 +93,7 @@ def test_wrong_bytes_are_detected() -> None:
 
     guest = build_guest(4, tmem_class()(memory_pages=64))
     guest.cleancache.transport = CorruptingTransport(InProcessTransport(guest.tmem))
-    counts = _replay_into(StackParts(guest.cache, guest.cleancache, guest.tmem), [1, 2, 3, 4, 5, 6, 1, 2], None, 0)
+    counts = replay_into(StackParts(guest.cache, guest.cleancache, guest.tmem), [1, 2, 3, 4, 5, 6, 1, 2], None, 0)
     assert counts["tmem"] == 2
     assert counts["wrong_reads"] == 2 and counts["wrong_bytes"] == 2
 

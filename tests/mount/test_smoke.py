@@ -163,3 +163,19 @@ def test_unlinked_open_file_stays_readable_and_disappears_after_close(mount_fact
     while os.listdir(m.source) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert os.listdir(m.source) == []
+
+
+@pytest.mark.parametrize("options, mode", [
+    (["--compress"], "v1"),
+    (["--abi", "v0", "--v0-fold", "ino"], "v0-ino"),
+    (["--abi", "v1", "--host-spec", "v0"], "passthrough"),  # a v0-only host refuses v1: plain passthrough
+])
+def test_cache_modes_roundtrip(mount_factory: MountFactory, options: list[str], mode: str) -> None:
+    m = mount_factory("--page-cache", "8K", *options)
+    blob = bytes(range(256)) * 200 + os.urandom(5000)
+    (m.source / "f").write_bytes(blob)
+    for _ in range(3):
+        assert (m.mnt / "f").read_bytes() == blob
+    stats = m.stats()
+    assert stats["mode"] == mode
+    assert (stats["succ_gets"] > 0) == (mode != "passthrough"), stats

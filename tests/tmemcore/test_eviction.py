@@ -131,6 +131,7 @@ def test_lazy_lists_are_compacted() -> None:
         p.put(1, i, pg(i))
         assert p.get(1, i) == pg(i)  # exclusive get: one dead entry per round
     assert len(t.eviction.global_list) <= 2 * t.eviction.global_eph_count + SLACK + 1
+    assert len(t.client(1).eph_pages) <= 2 * t.client(1).eph_count + SLACK + 1
     assert len(t.client(1).eph_pages) <= SLACK + 2
     t.check()
 

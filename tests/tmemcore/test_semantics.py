@@ -280,3 +280,24 @@ def test_put_keeps_no_reference_to_guest_buffer() -> None:
     assert t.do_tmem_op(1, gen(abi.TMEM_PUT_PAGE, pool, 1, 1), buf) == 1
     buf[:] = b"\x01" * PAGE
     assert get(t, 1, pool, 1, 1)[1] == bytes(PAGE)
+
+
+def test_joining_a_shared_pool_twice_returns_the_same_slot() -> None:
+    t = Tmem(memory_pages=8)
+    assert new_pool(t, 1, shared=True, uuid=(8, 8)) == 0
+    assert new_pool(t, 1, shared=True, uuid=(8, 8)) == 0  # Xen would list client 1 twice
+    assert t.stats()["shared"][0]["sharers"] == [1]
+    restore_new = abi.TmemOp(abi.TMEM_RESTORE_NEW, 3, uuid=(8, 8), flags=abi.pool_flags(shared=True), arg1=1)
+    assert t.do_tmem_op(0, restore_new.encode()) == -errno.EPERM
+    t.check()
+
+
+def test_duplicate_put_moves_page_to_fifo_tail() -> None:
+    t = Tmem(memory_pages=3)
+    p = t.client(1).new_pool()
+    for i in range(3):
+        p.put(1, i, pg(i))
+    p.put(1, 0, pg(9))  # replaced: now the most recent
+    p.put(1, 3, pg(3))  # evicts the oldest, page 1
+    assert p.get(1, 1) is None and p.get(1, 0) == pg(9)
+    t.check()
