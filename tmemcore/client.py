@@ -91,9 +91,15 @@ class Client:
         """Create (or join, for a shared uuid) a pool; raises NotPermitted like NEW_POOL's -EPERM."""
         if version is None:
             version = self.version if self.version is not None else self.host.spec_version
+        if uuid is None:
+            uuid = (0, 0)
+        if not (len(uuid) == 2 and all(isinstance(w, int) and 0 <= w <= WORD_ALL_ONES for w in uuid)):
+            raise InvalidArgument(f"a pool uuid is two u64 words (lo, hi), got {uuid!r}")
+        if version not in (0, 1):
+            raise InvalidArgument(f"spec version must be 0 or 1, got {version!r}")
         flags = pool_flags(persistent=persistent, shared=shared, version=version)
         with self.host.lock:
-            pool_id = self.create_pool(flags, uuid if uuid is not None else (0, 0))
+            pool_id = self.create_pool(flags, (uuid[0], uuid[1]))
             return self.handle(pool_id)
 
     def handle(self, pool_id: int) -> Pool:

@@ -225,12 +225,13 @@ class Tmem:
     # --- control, Pythonic (each is also a TMEMC sub-op; see control.py) -------------------------
 
     def freeze(self, cli_id: int | None = None) -> None:
+        """Freeze one client (created on demand, like ``client``) or, with None, all."""
         with self.lock:
-            self.control.freeze(cli_id, True)
+            self.control.freeze(self._named(cli_id), True)
 
     def thaw(self, cli_id: int | None = None) -> None:
         with self.lock:
-            self.control.freeze(cli_id, False)
+            self.control.freeze(self._named(cli_id), False)
 
     def flush(self, kib: int) -> int:
         """Relinquish ``kib`` KiB (rounded up to pages) of ephemeral pages; the KiB freed."""
@@ -239,15 +240,22 @@ class Tmem:
 
     def set_weight(self, cli_id: int | None, weight: int) -> None:
         with self.lock:
-            self.control.set_weight(cli_id, weight)
+            self.control.set_weight(self._named(cli_id), weight)
 
     def set_cap(self, cli_id: int | None, cap: int) -> None:
         with self.lock:
-            self.control.set_cap(cli_id, cap)
+            self.control.set_cap(self._named(cli_id), cap)
 
     def set_compress(self, cli_id: int | None, enabled: bool) -> None:
         with self.lock:
-            self.control.set_compress(cli_id, enabled)
+            self.control.set_compress(self._named(cli_id), enabled)
+
+    def _named(self, cli_id: int | None) -> int | None:
+        """None (all clients) as is; a client id after creating that client if needed (the
+        Python API creates clients on demand; the control hypercall answers -1 instead)."""
+        if cli_id is not None:
+            self.client(cli_id)
+        return cli_id
 
     def query_freeable_mb(self) -> int:
         with self.lock:
@@ -256,7 +264,7 @@ class Tmem:
     def authorize(self, cli_id: int | None, uuid: tuple[int, int], auth: bool = True) -> int:
         """TMEM_AUTH: (de)authorize a client for a shared-pool uuid; None = the global switch."""
         with self.lock:
-            return self.control.authorize(CLI_ID_NULL if cli_id is None else cli_id, uuid, auth)
+            return self.control.authorize(CLI_ID_NULL if cli_id is None else self._named(cli_id), uuid, auth)  # type: ignore[arg-type]
 
     def list_text(self, cli_id: int | None = None, long: bool = False) -> str:
         """TMEMC_LIST's text (G=/S=/C=/P= lines)."""

@@ -257,6 +257,7 @@ def multi_client(
             "client": client + 1,
             "name": names[client] if names else f"client{client + 1}",
             "weight": weights[client],
+            "host_pages": tmem_pages,
             "requests": requests,
             "page_cache_hits": count["page-cache"],
             "tmem_hits": count["tmem"],
@@ -318,7 +319,7 @@ def run_hitrate(args: argparse.Namespace, out: Path) -> str:
         payload["clients"] = client_rows
         report.write_csv(out / "clients.csv", client_rows)
         sections.append(("Clients sharing one host", report.markdown_table(
-            client_rows, ["client", "name", "weight", "requests", "hit_ratio", "tmem_hit_ratio", "tmem_pages_held"])))
+            client_rows, ["client", "name", "weight", "requests", "hit_ratio", "tmem_hit_ratio", "tmem_pages_held", "host_pages"])))
     report.write_json(out / "hitrate.json", payload)
     report.write_summary(out / "summary.md", "Hit rate with tmem second chance", sections)
     return "\n\n".join(f"## {h}\n\n{b}" for h, b in sections)
@@ -334,7 +335,9 @@ def run_clients(args: argparse.Namespace, traces: list[Trace]) -> list[dict[str,
     else:
         streams = split_by_key(traces[0], clients)
         names = [f"{traces[0].name}/{c + 1}" for c in range(clients)]
-    sizes = args.tmem_sizes if args.tmem_sizes != "auto" else [max(args.page_cache * clients, 1)]
-    tmem_pages = max(sizes)
-    return multi_client(streams, args.page_cache, max(tmem_pages, 1), weights, names=names)
+    if args.tmem_sizes == "auto":  # contended: half of all clients' distinct pages
+        tmem_pages = max(1, sum(int(np.unique(s).size) for s in streams) // 2)
+    else:
+        tmem_pages = max(max(args.tmem_sizes), 1)
+    return multi_client(streams, args.page_cache, tmem_pages, weights, names=names)
 

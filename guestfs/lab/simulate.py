@@ -294,7 +294,7 @@ def replay_stack(
     if compress and tmem is not None:
         enable_compression(tmem, 1)
     started = time.perf_counter()
-    counts = replay_into(guest, keys.tolist(), progress, check_every)
+    counts = replay_into(guest, keys, progress, check_every)
     seconds = time.perf_counter() - started
     result = SimResult(
         trace,
@@ -318,24 +318,34 @@ def replay_stack(
     return result
 
 
-def replay_into(guest: StackParts, items: list[int], progress: Progress, check_every: int) -> dict[str, int]:
-    """The replay loop: hot path, so locals are bound once and page stamps built only when needed."""
+def replay_into(guest: StackParts, keys: np.ndarray | list[int], progress: Progress, check_every: int) -> dict[str, int]:
+    """The replay loop. Hot path: file keys, page indexes and stamp words are computed with numpy
+    up front, so each request costs one stamp, one ``get_or_load`` and one comparison."""
+    unsigned = np.asarray(keys, dtype=np.int64).view(np.uint64)
+    files, file_of_request = np.unique(unsigned >> np.uint64(INDEX_BITS), return_inverse=True)
+    make_key = FileKeys()
+    file_keys = [make_key(int(f)) for f in files.tolist()]
+    request_keys = [file_keys[i] for i in file_of_request.tolist()]
+    indexes = (unsigned & np.uint64(INDEX_MASK)).tolist()
+    words = unsigned.tolist()
+    inverted = (~unsigned).tolist()
     get_or_load = guest.cache.get_or_load
-    file_key = FileKeys()
     checker = StampCheck()
     counts = {"page-cache": 0, "tmem": 0, "backing": 0}
     pack = _STAMP.pack
     repeat = PAGE_BYTES // _STAMP.size
-    for start in range(0, len(items), CHUNK):
-        for key in items[start : start + CHUNK]:
-            key &= U64
-            expected = pack(key, key ^ U64) * repeat
-            data, where = get_or_load(file_key(key >> INDEX_BITS), key & INDEX_MASK, lambda: expected)
+    total = len(words)
+    for start in range(0, total, CHUNK):
+        stop = min(start + CHUNK, total)
+        for file_key, index, word, inverse in zip(request_keys[start:stop], indexes[start:stop],
+                                                  words[start:stop], inverted[start:stop]):
+            expected = pack(word, inverse) * repeat
+            data, where = get_or_load(file_key, index, lambda: expected)
             counts[where] += 1
             if data is not expected and data != expected:
-                checker.verify(data, key)
+                checker.verify(data, word)
         if progress is not None:
-            progress(len(items[start : start + CHUNK]))
+            progress(stop - start)
         if check_every and (start // CHUNK) % max(1, check_every // CHUNK) == 0:
             guest.cache.check()
             guest.cleancache.check()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("tmemcore.tmem", reason="the tmemcore host (tmemcore/tmem.py) is not there yet")
 
@@ -112,3 +114,10 @@ def test_lirs_stack_equals_lru_of_the_sum(traces_dir: Path, name: str) -> None:
 def test_oltp_stack_equals_fast_path(traces_dir: Path) -> None:
     keys = load_trace(traces_dir / "arc" / "OLTP.lis.zst").keys
     assert_same_counts(keys, 1000, 4000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**17), min_size=1, max_size=400), st.integers(1, 12), st.integers(0, 30))
+def test_stack_equals_fast_path_on_random_traces(keys: list[int], page_cache: int, tmem: int) -> None:
+    """Model-based: whatever the trace, the real stack is an exact LRU + exclusive victim cache."""
+    assert_same_counts(np.array(keys, dtype=np.int64), page_cache, tmem)

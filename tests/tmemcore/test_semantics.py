@@ -301,3 +301,14 @@ def test_duplicate_put_moves_page_to_fifo_tail() -> None:
     p.put(1, 3, pg(3))  # evicts the oldest, page 1
     assert p.get(1, 1) is None and p.get(1, 0) == pg(9)
     t.check()
+
+
+def test_new_pool_rejects_bad_uuid_and_version() -> None:
+    t = Tmem(memory_pages=8)
+    c = t.client(1)
+    for uuid in ((-1, 0), (1 << 64, 0), (1, 2, 3)):
+        with pytest.raises(InvalidArgument):
+            c.new_pool(shared=True, uuid=uuid)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        c.new_pool(version=2)
+    assert all(p is None for p in c.pools)
