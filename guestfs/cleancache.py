@@ -205,6 +205,38 @@ class CleanCache:
         self.failed_gets += 1
         return None
 
+    def get_pages(self, key: FileKey, indexes: list[int]) -> list[bytes | None]:
+        """``get_page`` of each index in order (one object lookup for the run); None = miss."""
+        obj = self._objects.get(key)
+        if obj is None or not self.active:
+            if self.active:
+                self.failed_gets += len(indexes)
+                self.gets_skipped += len(indexes)
+            return [None] * len(indexes)
+        tracked = obj.indexes
+        page = self._page
+        head, tail, pack = obj.get_head, obj.tail, _U32.pack
+        out: list[bytes | None] = []
+        for index in indexes:
+            if index not in tracked or not self.active:  # never put, or the transport failed meanwhile
+                if self.active:
+                    self.failed_gets += 1
+                    self.gets_skipped += 1
+                out.append(None)
+                continue
+            self._untrack(key, obj, index)
+            try:
+                rc = self.transport.call(head + pack(index) + tail, page)
+            except OSError as exc:
+                rc = self._transport_failed(exc)
+            if rc == 1:
+                self.succ_gets += 1
+                out.append(bytes(page))
+            else:
+                self.failed_gets += 1
+                out.append(None)
+        return out
+
     def put_page(self, key: FileKey, index: int, data: bytes) -> None:
         """Offer a clean page (<= 4096 bytes, zero-padded) to tmem. Always "succeeds"."""
         if not self.active:

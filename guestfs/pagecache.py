@@ -21,10 +21,12 @@ Not thread-safe: ``PageIO`` serialises calls with its lock.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
+import cachetools
 from cachetools import LRUCache
-from tmemcore.abi import PAGE_SIZE
+from tmemcore.abi import PAGE_SHIFT, PAGE_SIZE
 
 from .cleancache import CleanCache
 from .filekey import FileKey
@@ -53,10 +55,16 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        # Read-only views of cachetools' own storage, for the run lookup's hit path (one C-level dict
+        # get and one move_to_end per page instead of four Python frames). Inserts and deletes still
+        # go through cachetools' public methods, so its size accounting and the popitem hook stay its.
+        self._pages, self._order = _lru_internals(self)
 
     def popitem(self) -> tuple[int, bytes]:
         """The one eviction hook: drop the least recently used page and offer it to tmem."""
-        page_key, data = super().popitem()
+        page_key = next(iter(self._order))  # what LRUCache.popitem picks, without its two extra frames
+        data = self._pages[page_key]
+        del self[page_key]
         file_id, index = page_key >> _INDEX_BITS, page_key & _INDEX_MASK
         key = self._keys[file_id]
         self._forget_index(file_id, index)
@@ -79,6 +87,44 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         self._store(key, index, data)
         return data, "tmem"
 
+    def lookup_run(self, key: FileKey, first: int, stop: int, file_size: int) -> list[bytes | None]:
+        """Pages ``first..stop-1`` of ``key`` in index order: first-chance, else tmem; None = miss.
+
+        One request, one pass: first-chance hits are touched, every other page is asked of tmem in
+        one ``CleanCache.get_pages`` call, and the pages tmem returned move here with
+        ``insert_many``. Compared with ``lookup`` per page, a tmem hit's insert can no longer evict
+        a first-chance page this same request still needs (which would then cost a put and a get).
+        A first-chance page that ends before ``file_size`` needs (a short last page from before the
+        file grew) is dropped and counted as a miss (tmem pages are full, zero-padded pages).
+        """
+        pages: list[bytes | None] = []
+        append = pages.append
+        cached = self._pages.get
+        touch = self._order.move_to_end
+        file_id = self._ids.get(key)
+        base = -1 if file_id is None else file_id << _INDEX_BITS
+        missing: list[int] = []
+        for index in range(first, stop):
+            data = cached(base | index) if base >= 0 else None
+            if data is not None:
+                if len(data) == PAGE_SIZE or (index << PAGE_SHIFT) + len(data) >= file_size:
+                    touch(base | index)
+                    append(data)
+                    continue
+                self.discard(key, index)
+            missing.append(index)
+            append(None)
+        self.hits += len(pages) - len(missing)
+        if missing:
+            self.misses += len(missing)
+            got = self.cleancache.get_pages(key, missing)
+            loaded = [(index, data) for index, data in zip(missing, got) if data is not None]
+            if loaded:
+                for index, data in loaded:
+                    pages[index - first] = data
+                self.insert_many(key, loaded)
+        return pages
+
     def get_or_load(self, key: FileKey, index: int, loader: Callable[[], bytes]) -> tuple[bytes, str]:
         """(page, "page-cache" | "tmem" | "backing"): first-chance, then tmem, then ``loader()``."""
         data, where = self.lookup(key, index)
@@ -95,6 +141,32 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         if self.cleancache.holds(key, index):  # a racing reader's copy went to tmem meanwhile
             self.cleancache.invalidate_page(key, index)
         self._store(key, index, data)
+
+    def insert_many(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
+        """Exactly ``insert`` of each ``(index, page)`` in order (distinct indexes), done faster.
+
+        When there are more new pages than the cache holds, the first ``len(pages) - maxsize`` of
+        them would be inserted and evicted again before the last one is in, after every page cached
+        now. So: evict everything cached now (LRU order, through ``popitem``), hand those first
+        pages to tmem directly (counted as evictions: the same puts in the same order), and insert
+        only the rest. Falls back to plain inserts when a page is already cached (a racing reader
+        loaded it), where an insert would not evict.
+        """
+        if any(len(data) > PAGE_SIZE for _, data in pages):
+            raise ValueError(f"a page is at most {PAGE_SIZE} bytes")
+        overflow = len(pages) - int(self.maxsize)
+        if overflow > 0 and not any(self.has_page(key, index) for index, _ in pages):
+            while self._order:
+                self.popitem()
+            holds, invalidate, put = self.cleancache.holds, self.cleancache.invalidate_page, self.cleancache.put_page
+            for index, data in pages[:overflow]:
+                if holds(key, index):  # as insert: drop a racing reader's tmem copy first
+                    invalidate(key, index)
+                self.evictions += 1
+                put(key, index, data)
+            pages = pages[overflow:]
+        for index, data in pages:
+            self.insert(key, index, data)
 
     def discard(self, key: FileKey, index: int) -> None:
         """Drop one page without offering it to tmem."""
@@ -139,6 +211,7 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
     def check(self) -> None:
         """Assert: ids, keys and per-file indexes mirror the LRU exactly; no page is also in tmem."""
         assert len(self) <= self.maxsize
+        assert len(self._pages) == len(self._order) == len(self) == self.currsize, "cachetools views out of sync"
         assert len(self._ids) == len(self._keys) == len(self._indexes)
         assert sum(len(s) for s in self._indexes.values()) == len(self)
         for key, file_id in self._ids.items():
@@ -168,3 +241,12 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         if not indexes:
             del self._indexes[file_id]
             del self._ids[self._keys.pop(file_id)]
+
+
+def _lru_internals(cache: LRUCache) -> tuple[dict[int, bytes], OrderedDict[int, None]]:  # type: ignore[type-arg]
+    """cachetools' page dict and recency order (name-mangled since cachetools 4; checked here once)."""
+    pages = getattr(cache, "_Cache__data", None)
+    order = getattr(cache, "_LRUCache__order", None)
+    if type(pages) is not dict or type(order) is not OrderedDict:
+        raise RuntimeError(f"unsupported cachetools {cachetools.__version__}: LRUCache internals changed")
+    return pages, order

@@ -105,26 +105,28 @@ class PageIO:
     # --- reads ------------------------------------------------------------------------------
 
     def read(self, key: FileKey, fd: int, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset``, never past the current EOF."""
+        """Up to ``size`` bytes at ``offset``, never past the current EOF.
+
+        One fstat, one lock hold and one pass over the request's pages (``PageCache.lookup_run``);
+        missing pages come from one ``pread`` per run of them, outside the lock.
+        """
         if offset < 0 or size < 0:
             raise ValueError(f"read needs offset >= 0 and size >= 0, got offset={offset} size={size}")
         st = os.fstat(fd)
         file_size = st.st_size
         end = min(offset + size, file_size)
-        if offset >= end:
-            with self._lock:
-                self._revalidate_locked(key, st)
-            return b""
-        first, last = offset >> PAGE_SHIFT, (end - 1) >> PAGE_SHIFT
         with self._lock:
-            self.reads += 1
             state = self._revalidate_locked(key, st)
+            if offset >= end:
+                return b""
+            self.reads += 1
+            first, stop = offset >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1
             generation = state.generation
-            pages = [self._cached_page(key, index, file_size) for index in range(first, last + 1)]
+            pages = self.cache.lookup_run(key, first, stop, file_size)
             wanted = len(pages)
             if pages[-1] is None and first == state.next_index:  # a sequential reader missed
-                pages.extend(None for _ in self._readahead_indexes(key, last + 1, file_size))
-            state.next_index = last + 1
+                pages.extend(None for _ in self._readahead_indexes(key, stop, file_size))
+            state.next_index = stop
         if None in pages:
             self._fill_from_backing(key, fd, state, generation, first, pages, wanted)
             del pages[wanted:]
@@ -137,13 +139,6 @@ class PageIO:
             if self.cache.has_page(key, index) or self.cleancache.holds(key, index):
                 return range(start, index)
         return range(start, max(start, stop))
-
-    def _cached_page(self, key: FileKey, index: int, file_size: int) -> bytes | None:
-        data, _ = self.cache.lookup(key, index)
-        if data is not None and len(data) < min(PAGE_SIZE, file_size - (index << PAGE_SHIFT)):
-            self.cache.discard(key, index)  # a short last page from before the file grew
-            return None
-        return data
 
     def _fill_from_backing(
         self,
@@ -186,8 +181,7 @@ class PageIO:
             if self._files.get(key) is not state or state.generation != generation:
                 self.stale_inserts_refused += len(loaded)
                 return
-            for index, chunk in loaded:
-                self.cache.insert(key, index, chunk)
+            self.cache.insert_many(key, loaded)
 
     # --- writes and invalidation -------------------------------------------------------------
 
@@ -318,9 +312,15 @@ def _assemble(pages: list[bytes | None], first: int, offset: int, end: int) -> b
     Stops at the first page shorter than the range needs (the file shrank under a read).
     """
     base = first << PAGE_SHIFT
+    lo, hi = offset - base, end - base - ((len(pages) - 1) << PAGE_SHIFT)  # cuts in the first/last page
     if len(pages) == 1:
         page = pages[0] or b""
-        return page[offset - base : end - base]
+        return page[lo:hi]
+    if None not in pages and min(map(len, pages[:-1])) == PAGE_SIZE:  # the common case: one join
+        parts: list[bytes] = pages  # type: ignore[assignment]
+        parts[0] = parts[0][lo:]
+        parts[-1] = parts[-1][:hi]
+        return b"".join(parts)
     parts = []
     for slot, page in enumerate(pages):
         page = page or b""

@@ -15,6 +15,8 @@ into a miss and switches itself off (it can no longer prove its flushes reached 
 from __future__ import annotations
 
 import errno
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -28,15 +30,17 @@ class Transport(Protocol):
 
 
 class InProcessTransport:
-    """The embedded host: one client of an in-process ``tmemcore.Tmem``."""
+    """The embedded host: one client of an in-process ``tmemcore.Tmem``.
+
+    ``call(op, page=None)`` is an instance attribute: ``functools.partial(tmem.do_tmem_op, client_id)``.
+    """
 
     def __init__(self, tmem: tmemcore.Tmem, client_id: int = 1) -> None:
         self.tmem = tmem
         self.client_id = client_id
-        self._do_tmem_op = tmem.do_tmem_op  # bound once: this is the hot path
-
-    def call(self, op: bytes, page: bytearray | None = None) -> int:
-        return self._do_tmem_op(self.client_id, op, page)
+        # The hot path: ``call(op, page)`` is ``tmem.do_tmem_op(client_id, op, page)`` with no Python
+        # frame of ours in between (a C-level partial bound once; ~0.1 us per hypercall).
+        self.call: Callable[..., int] = functools.partial(tmem.do_tmem_op, client_id)
 
     def close(self) -> None:
         """Nothing to release: the host belongs to whoever built it."""

@@ -122,17 +122,17 @@ RC_MISS = 0  # get found nothing
 
 # --- record layouts -------------------------------------------------------------------------
 _HEADER = "<Ii"
-_GEN_V1 = struct.Struct(_HEADER + "QQQIIIIQ")
-_GEN_V0 = struct.Struct(_HEADER + "QIIIIQ")
-_CREAT_V1 = struct.Struct(_HEADER + "QQII24x")
-_CREAT_V0 = struct.Struct(_HEADER + "QQII8x")
-_CTRL_V1 = struct.Struct(_HEADER + "IIIIQQQQ")
-_CTRL_V0 = struct.Struct(_HEADER + "IIIIQQ")
-_CMD = struct.Struct("<I")
+GEN_V1 = struct.Struct(_HEADER + "QQQIIIIQ")
+GEN_V0 = struct.Struct(_HEADER + "QIIIIQ")
+CREAT_V1 = struct.Struct(_HEADER + "QQII24x")
+CREAT_V0 = struct.Struct(_HEADER + "QQII8x")
+CTRL_V1 = struct.Struct(_HEADER + "IIIIQQQQ")
+CTRL_V0 = struct.Struct(_HEADER + "IIIIQQ")
+CMD = struct.Struct("<I")
 
-RECORD_SIZE = {SPEC_V1: _GEN_V1.size, SPEC_V0: _GEN_V0.size}  # 56 and 40
+RECORD_SIZE = {SPEC_V1: GEN_V1.size, SPEC_V0: GEN_V0.size}  # 56 and 40
 assert RECORD_SIZE == {SPEC_V1: 56, SPEC_V0: 40}
-assert _CREAT_V1.size == _CTRL_V1.size == 56 and _CREAT_V0.size == _CTRL_V0.size == 40
+assert CREAT_V1.size == CTRL_V1.size == 56 and CREAT_V0.size == CTRL_V0.size == 40
 
 HANDLE_V1 = struct.Struct("<IIQQQ")  # pool_id, index, oid[3]: 32 bytes
 HANDLE_V0 = struct.Struct("<IIQ")  # pool_id, index, oid: 16 bytes
@@ -201,24 +201,24 @@ class TmemOp:
         """The raw record bytes in the given layout version."""
         try:
             if self.cmd in CREAT_CMDS:
-                layout = _CREAT_V1 if version == SPEC_V1 else _CREAT_V0
+                layout = CREAT_V1 if version == SPEC_V1 else CREAT_V0
                 return layout.pack(self.cmd, self.pool_id, self.uuid[0], self.uuid[1], self.flags, self.arg1)
             if version == SPEC_V1:
                 w0, w1, w2 = Oid(self.oid).words
                 if self.cmd == TMEM_CONTROL:
-                    return _CTRL_V1.pack(
+                    return CTRL_V1.pack(
                         self.cmd, self.pool_id, self.subop, self.cli_id, self.arg1, self.arg2, w0, w1, w2, self.buf
                     )
-                return _GEN_V1.pack(
+                return GEN_V1.pack(
                     self.cmd, self.pool_id, w0, w1, w2, self.index, self.tmem_offset, self.pfn_offset, self.len, self.cmfn
                 )
             if not Oid(self.oid).fits_v0:
                 raise BadAddress(f"{self.oid!r} does not fit a v0 record's 64-bit object id")
             if self.cmd == TMEM_CONTROL:
-                return _CTRL_V0.pack(
+                return CTRL_V0.pack(
                     self.cmd, self.pool_id, self.subop, self.cli_id, self.arg1, self.arg2, int(self.oid), self.buf
                 )
-            return _GEN_V0.pack(
+            return GEN_V0.pack(
                 self.cmd, self.pool_id, int(self.oid), self.index, self.tmem_offset, self.pfn_offset, self.len, self.cmfn
             )
         except struct.error as exc:
@@ -234,22 +234,22 @@ class TmemOp:
         implied = version_of_record(raw)
         if version is not None and version != implied:
             raise BadAddress(f"expected a {RECORD_SIZE[version]}-byte v{version} record, got {len(raw)} bytes")
-        (cmd,) = _CMD.unpack_from(raw)
+        (cmd,) = CMD.unpack_from(raw)
         if cmd in CREAT_CMDS:
-            layout = _CREAT_V1 if implied == SPEC_V1 else _CREAT_V0
+            layout = CREAT_V1 if implied == SPEC_V1 else CREAT_V0
             cmd, pool_id, lo, hi, flags, arg1 = layout.unpack(raw)
             return cls(cmd, pool_id, uuid=(lo, hi), flags=flags, arg1=arg1)
         if implied == SPEC_V1:
             if cmd == TMEM_CONTROL:
-                cmd, pool_id, subop, cli_id, arg1, arg2, w0, w1, w2, buf = _CTRL_V1.unpack(raw)
+                cmd, pool_id, subop, cli_id, arg1, arg2, w0, w1, w2, buf = CTRL_V1.unpack(raw)
                 return cls(cmd, pool_id, Oid(w0 | w1 << 64 | w2 << 128), subop=subop, cli_id=cli_id,
                            arg1=arg1, arg2=arg2, buf=buf)
-            cmd, pool_id, w0, w1, w2, index, toff, poff, length, cmfn = _GEN_V1.unpack(raw)
+            cmd, pool_id, w0, w1, w2, index, toff, poff, length, cmfn = GEN_V1.unpack(raw)
             return cls(cmd, pool_id, Oid(w0 | w1 << 64 | w2 << 128), index, toff, poff, length, cmfn)
         if cmd == TMEM_CONTROL:
-            cmd, pool_id, subop, cli_id, arg1, arg2, arg3, buf = _CTRL_V0.unpack(raw)
+            cmd, pool_id, subop, cli_id, arg1, arg2, arg3, buf = CTRL_V0.unpack(raw)
             return cls(cmd, pool_id, Oid(arg3), subop=subop, cli_id=cli_id, arg1=arg1, arg2=arg2, buf=buf)
-        cmd, pool_id, obj, index, toff, poff, length, cmfn = _GEN_V0.unpack(raw)
+        cmd, pool_id, obj, index, toff, poff, length, cmfn = GEN_V0.unpack(raw)
         return cls(cmd, pool_id, Oid(obj), index, toff, poff, length, cmfn)
 
 
@@ -259,10 +259,10 @@ class TmemOp:
 def gen_record(cmd: int, pool_id: int, oid: int, index: int = 0, version: int = SPEC_V1) -> bytes:
     """A full-page gen record (PUT/GET/FLUSH_PAGE/FLUSH_OBJECT/DESTROY_POOL)."""
     if version == SPEC_V1:
-        return _GEN_V1.pack(cmd, pool_id, oid & WORD_MASK, (oid >> 64) & WORD_MASK, oid >> 128, index, 0, 0, 0, 0)
+        return GEN_V1.pack(cmd, pool_id, oid & WORD_MASK, (oid >> 64) & WORD_MASK, oid >> 128, index, 0, 0, 0, 0)
     if oid > WORD_MASK:
         raise BadAddress(f"oid {oid:#x} does not fit a v0 record's 64-bit object id")
-    return _GEN_V0.pack(cmd, pool_id, oid, index, 0, 0, 0, 0)
+    return GEN_V0.pack(cmd, pool_id, oid, index, 0, 0, 0, 0)
 
 
 def new_pool_record(flags: int, uuid: tuple[int, int] = (0, 0), version: int = SPEC_V1) -> bytes:

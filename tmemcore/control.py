@@ -53,8 +53,8 @@ if TYPE_CHECKING:
     from .pool import TmemPool
     from .tmem import Tmem
 
-_CTRL_V1: struct.Struct = abi._CTRL_V1  # layouts live in abi.py
-_CTRL_V0: struct.Struct = abi._CTRL_V0
+_CTRL_V1: struct.Struct = abi.CTRL_V1  # layouts live in abi.py
+_CTRL_V0: struct.Struct = abi.CTRL_V0
 U32_MAX = 0xFFFFFFFF
 UUID_PAIR = struct.Struct("<QQ")
 
@@ -292,11 +292,11 @@ class Control:
         client, pool = self._pool(cli_id, pool_id)
         if length != PAGE_SIZE:
             raise BadAddress(f"RESTORE_PUT_PAGE carries a whole page ({PAGE_SIZE} bytes), got arg1={length}")
-        if buf is None or len(buf) < length:
-            raise BadAddress("RESTORE_PUT_PAGE buffer shorter than arg1")
+        if not isinstance(buf, (bytes, bytearray, memoryview)) or memoryview(buf).nbytes < length:
+            raise BadAddress("RESTORE_PUT_PAGE buffer missing or shorter than arg1")
         if oid >= (V0_OID_MAX if _version(client) == 0 else OID_MAX):
             raise InvalidArgument("the all-ones oid is the save-stream terminator and cannot be stored")
-        pool.put(client, oid, index, bytes(buf[:length]))
+        pool.put(client, oid, index, memoryview(buf).cast("B")[:length].tobytes())
         return 1
 
 

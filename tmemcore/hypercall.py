@@ -17,7 +17,7 @@ Return codes: NEW_POOL -> pool id; PUT/WRITE/NEW_PAGE -> 1; GET/READ -> 1 hit, 0
 -EEMPTY on a pool without pages; FLUSH_PAGE/FLUSH_OBJECT -> 1 (-EFROZEN when the client is
 frozen, the flush being done anyway); DESTROY_POOL -> 1 destroyed / 0 empty slot; XCHG ->
 0 (Xen 4.1); unknown cmd -> -ENOSYS; bad/uncreated pool id -> -ENODEV; PUT of the all-ones
-(terminator) oid -> -EINVAL; bad page buffer or offsets -> -EFAULT.
+(terminator) oid or a client id outside 0..0xFFFE -> -EINVAL; bad page buffer or offsets -> -EFAULT.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ if TYPE_CHECKING:
     from .tmem import Tmem
 
 # The layouts live in abi.py; these are its precompiled structs, bound once for speed.
-_GEN_V1: struct.Struct = abi._GEN_V1
-_GEN_V0: struct.Struct = abi._GEN_V0
-_CREAT_V1: struct.Struct = abi._CREAT_V1
-_CREAT_V0: struct.Struct = abi._CREAT_V0
-_CMD: struct.Struct = abi._CMD
+_GEN_V1: struct.Struct = abi.GEN_V1
+_GEN_V0: struct.Struct = abi.GEN_V0
+_CREAT_V1: struct.Struct = abi.CREAT_V1
+_CREAT_V0: struct.Struct = abi.CREAT_V0
+_CMD: struct.Struct = abi.CMD
 
 V1_SIZE = _GEN_V1.size  # 56
 V0_SIZE = _GEN_V0.size  # 40
@@ -80,11 +80,37 @@ class Hypercall:
         self.record_sizes = frozenset(V1_SIZE if v == 1 else V0_SIZE for v in host.accepted_versions)
 
     def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | memoryview | None = None) -> int:
-        """Takes the host lock once; Tmem binds its ``do_tmem_op`` straight to this."""
+        """Takes the host lock once; Tmem binds its ``do_tmem_op`` straight to this.
+
+        Full-page PUT and GET of an existing client's pool take the inlined fast path; every
+        other record (and every error) goes through ``_dispatch_general``.
+        """
         with self.lock:
             self.total_tmem_ops += 1
             try:
-                rc = self._dispatch(client_id, op, page)
+                client = self.host.clients.get(client_id) if type(client_id) is int else None
+                if client is not None and type(op) is bytes and len(op) == client.record_size and self.host.enabled:
+                    if client.record_size == V1_SIZE:
+                        cmd, pool_id, w0, w1, w2, index, _, _, _, _ = _GEN_V1.unpack(op)
+                        oid = w0 | w1 << 64 | w2 << 128 if w1 or w2 else w0
+                        oid_limit = OID_MAX
+                    else:
+                        cmd, pool_id, oid, index, _, _, _, _ = _GEN_V0.unpack(op)
+                        oid_limit = V0_OID_MAX
+                    if (cmd == TMEM_PUT_PAGE or cmd == TMEM_GET_PAGE) and 0 <= pool_id < MAX_POOLS_PER_DOMAIN:
+                        pool = client.pools[pool_id]
+                        if pool is not None and type(page) is bytearray and len(page) == PAGE_SIZE:
+                            if cmd == TMEM_PUT_PAGE:
+                                if oid < oid_limit:
+                                    pool.put(client, oid, index, bytes(page))
+                                    return 1
+                            elif pool.npages:
+                                got = pool.get(client, oid, index)
+                                if got is None:
+                                    return 0
+                                page[:] = got
+                                return 1
+                rc = self._dispatch_general(client_id, op, page)
             except TmemError as exc:
                 if isinstance(exc, BadAddress):
                     self.failed_copies += 1
@@ -95,43 +121,17 @@ class Hypercall:
 
     # --- dispatch ---------------------------------------------------------------------------------
 
-    def _dispatch(self, client_id: int, op: bytes, page: bytearray | memoryview | None) -> int:
-        """Full-page PUT and GET of an existing client/pool take the fast path here; every
-        other record (and every error) goes through ``_dispatch_general``."""
-        client = self.host.clients.get(client_id)
-        if client is not None and type(op) is bytes and len(op) == client.record_size and self.host.enabled:
-            if client.record_size == V1_SIZE:
-                cmd, pool_id, w0, w1, w2, index, _, _, _, _ = _GEN_V1.unpack(op)
-                oid = w0 | w1 << 64 | w2 << 128 if w1 or w2 else w0
-                oid_limit = OID_MAX
-            else:
-                cmd, pool_id, oid, index, _, _, _, _ = _GEN_V0.unpack(op)
-                oid_limit = V0_OID_MAX
-            if (cmd == TMEM_PUT_PAGE or cmd == TMEM_GET_PAGE) and 0 <= pool_id < MAX_POOLS_PER_DOMAIN:
-                pool = client.pools[pool_id]
-                if pool is not None and type(page) is bytearray and len(page) == PAGE_SIZE:
-                    if cmd == TMEM_PUT_PAGE:
-                        if oid < oid_limit:
-                            pool.put(client, oid, index, bytes(page))
-                            return 1
-                    elif pool.npages:
-                        got = pool.get(client, oid, index)
-                        if got is None:
-                            return 0
-                        page[:] = got
-                        return 1
-        return self._dispatch_general(client_id, op, page)
-
     def _dispatch_general(self, client_id: int, op: bytes, page: bytearray | memoryview | None) -> int:
         if not self.host.enabled:
             raise NoDevice("tmem is not enabled on this host")
         if not isinstance(op, (bytes, bytearray, memoryview)):
             raise BadAddress(f"a tmem_op record is a bytes-like object, got {type(op).__name__}")
+        op = bytes(op)  # a snapshot of the guest's record (and raw bytes whatever the view's format)
         size = len(op)
         if size != V1_SIZE and size != V0_SIZE:
             raise BadAddress(f"a tmem_op record is 56 (v1) or 40 (v0) bytes, got {size}")
         host = self.host
-        client = host.clients.get(client_id)
+        client = host.clients.get(client_id) if type(client_id) is int else None
         if client is None and not (type(client_id) is int and 0 <= client_id < CLI_ID_NULL):
             raise InvalidArgument(f"client id must be in 0..{CLI_ID_NULL - 1}, got {client_id!r}")
         (cmd,) = _CMD.unpack_from(op)

@@ -104,10 +104,3 @@ class CompressStats:
         self.compress_poor = 0
         self.compress_nomem = 0  # Python allocation never fails here; kept for the LIST format
 
-
-def stored_size(stored: Stored) -> int:
-    """Bytes a stored form occupies (a pcd's full size, however many share it)."""
-    if type(stored) is Pcd:
-        return stored.size
-    return len(stored)
-

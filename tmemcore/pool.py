@@ -377,13 +377,16 @@ class Pool:
     frozen client), NoDevice (pool destroyed), InvalidArgument (bad oid, index or data).
     """
 
-    __slots__ = ("client", "pool_id", "_pool", "_lock", "_oid_limit")
+    __slots__ = ("client", "pool_id", "_pool", "_lock", "_oid_limit", "_slots", "_put", "_get")
 
     def __init__(self, client: "Client", pool_id: int, pool: TmemPool) -> None:
         self.client = client
         self.pool_id = pool_id
         self._pool = pool
         self._lock = client.host.lock
+        self._slots = client.pools  # the client's slot list (mutated in place, never replaced)
+        self._put = pool.put  # bound once: the hot path saves two attribute lookups per call
+        self._get = pool.get
         # the all-ones oid of the client's version is the save-stream terminator: never stored
         self._oid_limit = V0_OID_MAX if client.version == 0 else OID_MAX
 
@@ -421,11 +424,10 @@ class Pool:
         if type(oid) is not int or type(index) is not int or not (0 <= oid < self._oid_limit and 0 <= index <= INDEX_MAX):
             self._key(oid, index)
         with self._lock:
-            pool = self._pool
-            if self.client.pools[self.pool_id] is not pool:
+            if self._slots[self.pool_id] is not self._pool:
                 raise NoDevice(f"pool {self.pool_id} of client {self.client.cli_id} was destroyed")
             try:
-                pool.put(self.client, oid, index, data)
+                self._put(self.client, oid, index, data)
             except (NoMemory, NoSpace):
                 return False
             return True
@@ -434,10 +436,9 @@ class Pool:
         if type(oid) is not int or type(index) is not int or not (0 <= oid < self._oid_limit and 0 <= index <= INDEX_MAX):
             self._key(oid, index)
         with self._lock:
-            pool = self._pool
-            if self.client.pools[self.pool_id] is not pool:
+            if self._slots[self.pool_id] is not self._pool:
                 raise NoDevice(f"pool {self.pool_id} of client {self.client.cli_id} was destroyed")
-            return pool.get(self.client, oid, index)
+            return self._get(self.client, oid, index)
 
     def flush_page(self, oid: int, index: int) -> bool:
         """True if the page was there. (A frozen client's flushes act; the ABI's -EFROZEN

@@ -20,6 +20,7 @@ from typing import IO, Any, Callable
 from .abi import CLI_ID_NULL, MAX_GLOBAL_SHARED_POOLS, PAGE_SIZE, SPEC_V0, SPEC_V1
 from .client import Client
 from .control import Control
+from .dedup import Pcd
 from .errors import InvalidArgument, NotPermitted
 from .eviction import EphemeralLists
 from .hypercall import Hypercall
@@ -321,7 +322,7 @@ class Tmem:
                 for node in pool.live_nodes():
                     npages += 1
                     stored = node[DATA]
-                    if type(stored) is bytes or not hasattr(stored, "refs"):
+                    if type(stored) is not Pcd:
                         used += len(stored)
                     else:
                         if id(stored) not in pcd_refs:

@@ -161,29 +161,31 @@ def inode_reuse(scratch_parent: Path, attempts: int = 64) -> dict[str, Any]:
 
 
 def stream_sizes(pages: int, objects: int) -> dict[str, Any]:
-    """Bytes per hypercall record and per save stream of a persistent pool holding ``pages`` pages
-    spread over ``objects`` files, in v1 and v0 (encoded by ``tmemcore.savestream``)."""
+    """Bytes per hypercall record, per save handle and per save stream, v1 against v0.
+
+    The stream sizes come from a real save (``Tmem.save``, i.e. ``tmemcore.savestream``) of one
+    client whose persistent pool holds ``pages`` zero pages spread over ``objects`` files."""
+    import io
+
     from tmemcore import abi
+
+    from .simulate import tmem_class
 
     sizes: dict[str, Any] = {"record_bytes_v1": abi.RECORD_SIZE[abi.SPEC_V1],
                              "record_bytes_v0": abi.RECORD_SIZE[abi.SPEC_V0],
                              "handle_bytes_v1": abi.HANDLE_SIZE[abi.SPEC_V1],
                              "handle_bytes_v0": abi.HANDLE_SIZE[abi.SPEC_V0]}
-    try:
-        from tmemcore.savestream import ClientImage, PoolImage, encode_stream
-    except ImportError:
-        sizes["stream_source"] = "tmemcore.abi handle sizes (tmemcore.savestream not available)"
-        for version, name in ((abi.SPEC_V1, "v1"), (abi.SPEC_V0, "v0")):
-            sizes[f"stream_bytes_{name}"] = pages * (abi.HANDLE_SIZE[version] - 4 + abi.PAGE_SIZE)
-        return sizes
-    page = bytes(abi.PAGE_SIZE)
     per_object = max(1, -(-pages // max(objects, 1)))
-    records = [(1 + n // per_object, n % per_object, page) for n in range(pages)]
+    page = bytes(abi.PAGE_SIZE)
     for version, name in ((abi.SPEC_V1, "v1"), (abi.SPEC_V0, "v0")):
-        flags = abi.pool_flags(persistent=True, version=version)
-        image = ClientImage(version=version, pools=[PoolImage(0, flags, len(records), pages=list(records))])
-        sizes[f"stream_bytes_{name}"] = len(encode_stream(image))
-    sizes["stream_source"] = "tmemcore.savestream.encode_stream of one persistent pool"
+        host = tmem_class()(memory_pages=pages + 1, accept_v0=True)
+        pool = host.client(1).new_pool(persistent=True, version=version)
+        for n in range(pages):
+            pool.put(1 + n // per_object, n % per_object, page)
+        stream = io.BytesIO()
+        host.save(1, stream)
+        sizes[f"stream_bytes_{name}"] = len(stream.getvalue())
+    sizes["stream_source"] = f"Tmem.save of one persistent pool ({pages} pages, {objects} files)"
     return sizes
 
 
@@ -230,8 +232,8 @@ def run_keying_experiment(args: Any, out: Path) -> str:
             live_rows = live_keying(btrfs_root or trees[0], seed=1)
             payload["live"] = live_rows
             sections.append(("Live mounts: v1 vs v0 folds", report.markdown_table(
-                live_rows, ["abi", "fold", "mode", "reads", "wrong_reads", "succ_gets", "fold_collisions",
-                            "record_bytes"])))
+                live_rows, ["abi", "fold", "mode", "reads", "wrong_reads", "succ_gets", "tmem_hit_ratio",
+                            "fold_collisions", "record_bytes"])))
     sizes = stream_sizes(pages=4096, objects=64)
     payload["sizes"] = sizes
     sections.append(("Bytes per record and per save stream (4096 persistent pages, 64 files)", "\n".join(

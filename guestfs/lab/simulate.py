@@ -49,12 +49,6 @@ def wrong_byte_count(data: bytes, key: int) -> int:
     return int(np.count_nonzero(a != b))
 
 
-def split_key(key: int) -> tuple[int, int]:
-    """(file number, page index) of a trace key."""
-    key &= U64
-    return key >> INDEX_BITS, key & INDEX_MASK
-
-
 @dataclass
 class SimResult:
     """Counters of one replay. Ratios are fractions of all requests."""
@@ -229,12 +223,10 @@ def new_host(tmem_pages: int, *, abi: str = "v1") -> Any:
 
 
 def tmem_class() -> Any:
-    """``tmemcore.Tmem`` (falling back to its defining module while the package API grows)."""
-    import importlib
+    """``tmemcore.Tmem``, imported when first needed (the trace-only tools never load the host)."""
+    from tmemcore import Tmem
 
-    import tmemcore
-
-    return getattr(tmemcore, "Tmem", None) or importlib.import_module("tmemcore.tmem").Tmem
+    return Tmem
 
 
 def enable_compression(tmem: Any, client_id: int) -> None:

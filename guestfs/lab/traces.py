@@ -29,6 +29,7 @@ import gzip
 import lzma
 import shutil
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def read_bytes(path: Path) -> bytes:
         if suffix == ".zst":
             return _zstd_bytes(path)
         return path.read_bytes()
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         raise TraceError(f"{path}: cannot read: {exc}") from None
 
 

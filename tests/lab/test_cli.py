@@ -87,3 +87,11 @@ def test_keying_on_a_small_tree(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert data["sizes"]["record_bytes_v1"] == 56 and data["sizes"]["record_bytes_v0"] == 40
     assert data["sizes"]["stream_bytes_v1"] > data["sizes"]["stream_bytes_v0"]
     assert "v0 ino coll." in capsys.readouterr().out
+
+
+def test_simulate_real_stack_default_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = lirs_file(tmp_path, [1, 2, 3, 4, 1, 2, 5, 1, 3, 4] * 30)
+    assert main(["simulate", "--trace", str(path), "--page-cache", "2", "--tmem", "3", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["engine"] == "stack" and row["wrong_bytes"] == 0
+    assert row["tmem_hits"] == row["extra"]["cleancache"]["succ_gets"] > 0

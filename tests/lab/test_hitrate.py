@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tmemcore.tmem", reason="the tmemcore host (tmemcore/tmem.py) is not there yet")
-
-from guestfs.lab.cli import main  # noqa: E402
-from guestfs.lab.hitrate import multi_client, replay_shared, split_by_key, tmem_sweep  # noqa: E402
-from guestfs.lab.simulate import replay_model  # noqa: E402
-from guestfs.lab.traces import synthetic_zipf  # noqa: E402
+from guestfs.lab.cli import main
+from guestfs.lab.hitrate import multi_client, replay_shared, split_by_key, tmem_sweep
+from guestfs.lab.simulate import replay_model
+from guestfs.lab.traces import synthetic_zipf
 
 
 def test_sweep_rows_hold_the_victim_identity() -> None:

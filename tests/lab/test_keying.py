@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from guestfs.filekey import FileKey
 from guestfs.lab.keying import collisions, fold_oid, format_table, inode_reuse, keying_table
 
@@ -31,7 +29,6 @@ def test_ino_fold_collides_where_v1_does_not() -> None:
 
 
 def test_fold_matches_the_cleancache_frontend() -> None:
-    pytest.importorskip("tmemcore.tmem", reason="the tmemcore host is not there yet")
     from guestfs.cleancache import CleanCache
     from guestfs.lab.simulate import tmem_class
     from guestfs.transport import InProcessTransport

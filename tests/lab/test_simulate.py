@@ -9,20 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("tmemcore.tmem", reason="the tmemcore host (tmemcore/tmem.py) is not there yet")
-
-from guestfs.lab.mrc import LruCurve  # noqa: E402
-from guestfs.lab.simulate import (  # noqa: E402
+from guestfs.lab.mrc import LruCurve
+from guestfs.lab.simulate import (
     StackParts,
-    replay_into,
     build_guest,
     fast_counts,
+    replay_into,
     replay_stack,
     stamp_page,
     tmem_class,
     wrong_byte_count,
 )
-from guestfs.lab.traces import load_trace, synthetic_zipf  # noqa: E402
+from guestfs.lab.traces import load_trace, synthetic_zipf
+from tmemcore.abi import TMEM_GET_PAGE
 
 LIRS = ("cpp", "cs", "gli", "ps", "sprite", "multi1", "multi2", "multi3", "2_pools")
 
@@ -82,7 +81,7 @@ class CorruptingTransport:
 
     def call(self, op: bytes, page: bytearray | None = None) -> int:
         rc = self.inner.call(op, page)  # type: ignore[attr-defined]
-        if rc == 1 and page is not None and int.from_bytes(op[:4], "little") == 5:  # TMEM_GET_PAGE
+        if rc == 1 and page is not None and int.from_bytes(op[:4], "little") == TMEM_GET_PAGE:
             page[100] ^= 0xFF
         return rc
 

@@ -141,3 +141,24 @@ def test_shared_trace_counts(traces_dir: Path) -> None:
         assert (trace.requests, trace.unique()) == (requests, unique), name
     pages = load_trace(traces_dir / "cloudphysics/cloudPhysicsIO.csv", include_writes=True)
     assert (pages.requests, pages.unique()) == (1_141_869, 269_210)
+
+
+def test_zst_falls_back_to_the_zstd_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("zstd") is None:
+        pytest.skip("the zstd CLI is not installed")
+    plain = tmp_path / "t.lis"
+    plain.write_text("4 2 0 0\n")
+    subprocess.run(["zstd", "-q", str(plain)], check=True, timeout=30)
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard now raises ImportError
+    assert load_trace(tmp_path / "t.lis.zst").keys.tolist() == [4, 5]
+
+
+def test_corrupt_compressed_trace_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.trace.gz"
+    path.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(TraceError, match="bad.trace.gz: cannot read"):
+        load_trace(path)

@@ -1,10 +1,6 @@
-"""Shared helpers for the tmemcore host tests: raw records, pages, a checked host."""
+"""Shared helpers for the tmemcore host tests: raw records and guest pages."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-
-import pytest
 
 from tmemcore import Tmem, abi
 from tmemcore.abi import TmemOp
@@ -42,9 +38,3 @@ def ctrl(tmem: Tmem, subop: int, cli_id: int = abi.CLI_ID_NULL, arg1: int = 0, a
          pool_id: int = 0, buf: bytearray | None = None, version: int = 1) -> int:
     return tmem.do_tmem_op(0, abi.control_record(subop, cli_id, arg1, arg2, oid, pool_id, version), buf)
 
-
-@pytest.fixture
-def tmem() -> Iterator[Tmem]:
-    host = Tmem(memory_pages=64)
-    yield host
-    host.check()

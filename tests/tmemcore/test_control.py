@@ -170,3 +170,22 @@ def test_list_respects_buffer_length_and_nul_terminates() -> None:
     assert ctrl(t, abi.TMEMC_LIST, 1, arg1=400, buf=buf) == 0 and buf.startswith(b"C=CI:1,")
     assert ctrl(t, abi.TMEMC_LIST, 9, arg1=400, buf=buf) == -1
     assert ctrl(t, abi.TMEMC_LIST, NULL, arg1=400, buf=bytearray(10)) == -errno.EFAULT
+
+
+def test_v0_client_save_uses_v0_handles() -> None:
+    t = Tmem(memory_pages=8, accept_v0=True)
+    pool = new_pool(t, 2, persistent=True, version=0)
+    assert put(t, 2, pool, 0xABCDEF, 7, 3, version=0) == 1
+    assert ctrl(t, abi.TMEMC_SAVE_BEGIN, 2, version=0) == 1
+    assert ctrl(t, abi.TMEMC_SAVE_GET_VERSION, 2) == 0
+    assert ctrl(t, abi.TMEMC_SAVE_GET_POOL_FLAGS, 2, pool_id=pool, version=0) == abi.TMEM_POOL_PERSIST  # version 0 bits
+    size = abi.HANDLE_V0.size + PAGE
+    buf = bytearray(size)
+    assert ctrl(t, abi.TMEMC_SAVE_GET_NEXT_PAGE, 2, pool_id=pool, arg1=size, buf=buf, version=0) == 1
+    assert abi.HANDLE_V0.unpack_from(buf) == (0, 7, 0xABCDEF) and buf[abi.HANDLE_V0.size] == 3
+    assert ctrl(t, abi.TMEMC_SAVE_GET_NEXT_PAGE, 2, pool_id=pool, arg1=size, buf=buf) == -1
+    assert ctrl(t, abi.TMEMC_SAVE_END, 2) == 0
+    data = page(1)
+    rc = ctrl(t, abi.TMEMC_RESTORE_PUT_PAGE, 2, pool_id=pool, oid=(1 << 64) - 1, arg1=PAGE, arg2=0, buf=data)
+    assert rc == -errno.EINVAL  # the v0 terminator oid
+    t.check()

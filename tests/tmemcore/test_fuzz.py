@@ -59,22 +59,25 @@ def records() -> st.SearchStrategy[bytes]:
     gen_v0 = st.builds(lambda c, p, o, i, a, b, n, m: struct.pack("<IiQIIIIQ", c, p, o, i, a, b, n, m),
                        CMDS, st.integers(-2, 17), st.sampled_from([0, 1, 5, 2**64 - 1]), SMALL, SMALL, SMALL,
                        st.one_of(st.integers(0, 4097), U32), U64)
-    ctrl_v1 = st.builds(lambda p, s, c, a1, a2, w: abi._CTRL_V1.pack(0, p, s, c, a1, a2, w, 0, 0, 0),
+    ctrl_v1 = st.builds(lambda p, s, c, a1, a2, w: abi.CTRL_V1.pack(0, p, s, c, a1, a2, w, 0, 0, 0),
                         st.integers(-2, 17), st.one_of(st.integers(0, 40), U32),
                         st.sampled_from([0, 1, 2, 3, 0xFFFF, 70000]), st.one_of(st.integers(0, 5000), U32), SMALL, SMALL)
-    creat = st.builds(lambda c, p, lo, hi, f, a: abi._CREAT_V1.pack(c, p, lo, hi, f, a),
+    creat = st.builds(lambda c, p, lo, hi, f, a: abi.CREAT_V1.pack(c, p, lo, hi, f, a),
                       st.sampled_from([1, 101, 102]), st.integers(-2, 17), st.sampled_from([0, 1, 2**64 - 1]),
                       st.sampled_from([0, 2, 2**64 - 1]), st.one_of(st.sampled_from([0, 1, 2, 3, 1 << 24, (1 << 24) | 3]), U32),
                       st.sampled_from([0, 1, 2, 9, 0xFFFF]))
-    return st.one_of(gen_v1, gen_v0, ctrl_v1, creat, st.binary(max_size=64))
+    raw = st.binary(max_size=64)
+    return st.one_of(gen_v1, gen_v0, ctrl_v1, creat, raw, raw.map(bytearray), gen_v1.map(lambda b: memoryview(b).cast("Q")))
 
 
 PAGES = st.one_of(st.none(), st.just(bytes(4096)), st.binary(min_size=0, max_size=64).map(bytearray),
-                  st.integers(0, 255).map(lambda b: bytearray([b]) * 4096), st.just(bytearray(5000)))
+                  st.integers(0, 255).map(lambda b: bytearray([b]) * 4096), st.just(bytearray(5000)),
+                  st.builds(lambda: memoryview(bytearray(4096)).cast("I")), st.builds(lambda: memoryview(bytes(4096))),
+                  st.builds(lambda: [0] * 4096))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 3]), records(), PAGES), min_size=1, max_size=6),
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 3, 70000, -1]), records(), PAGES), min_size=1, max_size=6),
        st.booleans())
 def test_raw_records_return_documented_codes_and_fail_cleanly(ops: list[tuple[int, bytes, object]], accept_v0: bool) -> None:
     t = populated(accept_v0)

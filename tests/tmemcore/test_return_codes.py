@@ -139,3 +139,10 @@ def test_control_auth_restore_new_need_client_0() -> None:
     assert t.do_tmem_op(1, abi.control_record(abi.TMEMC_LIST, arg1=100), bytearray(100)) == -errno.EPERM
     assert t.do_tmem_op(1, abi.TmemOp(abi.TMEM_AUTH, arg1=1, flags=1).encode()) == -errno.EPERM
     assert t.do_tmem_op(1, abi.TmemOp(abi.TMEM_RESTORE_NEW, arg1=1, flags=abi.pool_flags()).encode()) == -errno.EPERM
+
+
+def test_bad_client_ids_are_einval() -> None:
+    t = Tmem(memory_pages=4)
+    for cid in (-1, 0xFFFF, 1 << 20, "1", None, [1]):
+        assert new_pool(t, cid) == -errno.EINVAL  # type: ignore[arg-type]
+    assert t.clients == {}
