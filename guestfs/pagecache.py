@@ -152,9 +152,12 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         only the rest. Falls back to plain inserts when a page is already cached (a racing reader
         loaded it), where an insert would not evict.
         """
-        if any(len(data) > PAGE_SIZE for _, data in pages):
+        if len(pages) == 1:  # the common random read: nothing to batch
+            self.insert(key, *pages[0])
+            return
+        if max(len(data) for _, data in pages) > PAGE_SIZE:  # refuse before changing anything
             raise ValueError(f"a page is at most {PAGE_SIZE} bytes")
-        overflow = len(pages) - int(self.maxsize)
+        overflow = len(pages) - self.maxsize
         if overflow > 0 and not any(self.has_page(key, index) for index, _ in pages):
             while self._order:
                 self.popitem()
