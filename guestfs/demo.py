@@ -1,49 +1,54 @@
 """`guestfs demo` (what `make demo` runs): the main job end to end on this machine.
 
-1. builds a sample tree of real file content (and, where loop devices and btrfs-progs
-   exist, a btrfs image with two subvolumes whose files share inode numbers);
-2. mounts the sample tree with guestfs on an embedded tmem host, runs a seeded read
-   workload through the mount and prints first-chance and tmem hit rates;
-3. prints the v0/v1 keying table (handles, folds, collisions) and, on btrfs, mounts the
-   subvolumes once per ABI to show what the v0 collision guard prevents;
-4. writes CSV/JSON (and PNG plots when matplotlib is installed) of a tmem-size sweep;
-5. unmounts everything, also on failure.
+1. builds a sample tree of real file content (and, where loop devices and btrfs-progs exist,
+   a btrfs image with two subvolumes whose files share inode numbers);
+2. mounts the sample tree with guestfs on an embedded tmem host, once per tmem size, runs the
+   same seeded read workload through each mount (every read compared with the backing file)
+   and prints first-chance and tmem hit rates and the bytes read from the backing store;
+3. prints the v0/v1 keying table and, on btrfs, mounts the subvolumes once per ABI to show
+   what the v0 collision guard prevents;
+4. sweeps tmem sizes on a real trace through the real cache stack, with LRU and Belady bounds;
+5. writes CSV, JSON, a Markdown summary and (with matplotlib) PNG plots; every mount is
+   unmounted, also on failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-PAGE = 4096
-SAMPLE_SOURCES = ("/usr/share/common-licenses", "/usr/share/doc", "/usr/lib/python3/dist-packages")
+from .config import parse_size, size_to_pages
+
+LIVE_COLUMNS = ["tmem", "reads", "wrong_reads", "first_chance_hit", "tmem_hit", "total_hit", "backing_MiB"]
+KEYING_LIVE_COLUMNS = ["abi", "fold", "mode", "reads", "wrong_reads", "succ_gets", "fold_collisions", "record_bytes"]
+SWEEP_COLUMNS = ["tmem_pages", "baseline_hit_ratio", "exclusive_hit_ratio", "shared_hit_ratio",
+                 "lru_total_hit_ratio", "belady_hit_ratio", "victim_identity_holds", "wrong_bytes"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        page_cache_pages = size_to_pages(parse_size(args.page_cache))
+        tmem_sizes = [size_to_pages(parse_size(s)) for s in args.tmem_sizes.split(",")]
+    except ValueError as exc:
+        raise SystemExit(f"guestfs demo: {exc}") from None
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    results: dict[str, Any] = {}
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="guestfs-demo-")))
-        tree = build_sample_tree(work / "sample", args.sample_mb, seed=args.seed)
-        _section(f"sample tree: {_count_files(tree)} files, {_tree_mb(tree):.1f} MiB in {tree}")
-        live = run_live_workload(tree, work / "mnt", args)
-        _print_live(live)
-        btrfs_tree = _maybe_btrfs(stack, work)
-        keying = run_keying(tree, btrfs_tree)
-        sweep = run_tmem_sweep(tree, work, args)
-        _write_results(out, live, keying, sweep)
+        tree = _sample_tree(work / "sample", args.files, args.seed)
+        results["live"] = run_live_sweep(tree, page_cache_pages, tmem_sizes, args.reads, args.seed)
+        btrfs_tree = stack.enter_context(_optional_btrfs(work))
+        results["keying"] = run_keying(tree, btrfs_tree, args.seed)
+        results["sweep"] = run_trace_sweep(args.trace)
+    _write_results(out, results)
     _section(f"done in {time.monotonic() - started:.0f} s; results in {out}")
     return 0
 
@@ -52,147 +57,179 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="guestfs demo",
         description="Mount a cached filesystem on an embedded tmem host, run a read workload, "
-        "show hit rates and the v0/v1 keying comparison, unmount.",
+        "show hit rates and the v0/v1 keying comparison, sweep tmem sizes on a trace, unmount.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="results/demo", help="directory for CSV/JSON/PNG/Markdown results")
-    p.add_argument("--sample-mb", type=int, default=24, help="size of the sample tree in MiB")
-    p.add_argument("--reads", type=int, default=6000, help="4 KiB reads in the live workload")
-    p.add_argument("--page-cache", default="512K", help="first-chance page cache size")
-    p.add_argument("--tmem", default="16M", help="embedded tmem host budget")
+    p.add_argument("--files", type=int, default=120, help="files in the sample tree (real text from /usr/share)")
+    p.add_argument("--reads", type=int, default=4000, help="4 KiB reads per live run")
+    p.add_argument("--page-cache", default="256K", help="first-chance page cache of each mount")
+    p.add_argument("--tmem-sizes", default="4K,1M,4M,16M", help="embedded tmem budgets to sweep (4K = one page: no tmem)")
+    p.add_argument("--trace", default=None,
+                   help="trace for the size sweep (default: the shared LIRS multi2 trace, else a synthetic zipf)")
     p.add_argument("--seed", type=int, default=1, help="workload seed")
     return p
 
 
-# --- sample content -------------------------------------------------------------------
+def _section(title: str) -> None:
+    print(f"\n== {title}", flush=True)
 
 
-def build_sample_tree(dest: Path, size_mb: int, seed: int) -> Path:
-    """Copy real files (licences, docs, Python sources) up to size_mb MiB; pad with text."""
-    dest.mkdir(parents=True)
-    budget = size_mb << 20
-    used = 0
-    for root in SAMPLE_SOURCES:
-        for path in sorted(Path(root).rglob("*")) if Path(root).is_dir() else []:
-            if used >= budget:
-                return dest
-            if path.is_symlink() or not path.is_file() or path.stat().st_size < PAGE:
-                continue
-            target = dest / path.relative_to("/").as_posix().replace("/", "_")
-            shutil.copyfile(path, target)
-            used += target.stat().st_size
-    rng = random.Random(seed)
-    words = [f"word{n}" for n in range(5000)]
-    while used < budget:
-        text = " ".join(rng.choice(words) for _ in range(40000)).encode()
-        (dest / f"generated_{used}.txt").write_bytes(text)
-        used += len(text)
-    return dest
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    from .lab.report import markdown_table
+
+    return markdown_table(rows, columns)
 
 
-def _count_files(tree: Path) -> int:
-    return sum(1 for p in tree.rglob("*") if p.is_file())
+# --- 1. sample tree ------------------------------------------------------------------------
 
 
-def _tree_mb(tree: Path) -> float:
-    return sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()) / (1 << 20)
+def _sample_tree(dest: Path, files: int, seed: int) -> Path:
+    from .lab.live import make_text_tree
+
+    tree = make_text_tree(dest, files, seed=seed)
+    paths = [p for p in tree.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in paths)
+    _section(f"sample tree: {len(paths)} files, {size / (1 << 20):.1f} MiB of real text ({tree})")
+    return tree
 
 
-# --- live workload through a real mount ----------------------------------------------------
+# --- 2. live mounts ------------------------------------------------------------------------
 
 
-@contextmanager
-def mounted(source: Path, mountpoint: Path, options: list[str]) -> Iterator[Path]:
-    from .mount import start_mount
+def run_live_sweep(tree: Path, page_cache_pages: int, tmem_sizes: list[int], reads: int, seed: int) -> list[dict]:
+    from .lab.live import live_run, plan_reads
 
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    handle = start_mount(str(source), str(mountpoint), options, timeout=20.0)
-    try:
-        yield mountpoint
-    finally:
-        handle.unmount()
-
-
-def read_workload(root: Path, reads: int, seed: int) -> dict[str, int]:
-    """Seeded Zipf-like 4 KiB reads over every page of every file under root; checks bytes."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    pages = [(f, i) for f in files for i in range(max(1, f.stat().st_size // PAGE))]
-    rng = random.Random(seed)
-    weights = [1.0 / (rank + 1) ** 0.9 for rank in range(len(pages))]
-    rng.shuffle(weights)
-    chosen = rng.choices(range(len(pages)), weights=weights, k=reads)
-    done = 0
-    for n in chosen:
-        path, index = pages[n]
-        with open(path, "rb", buffering=0) as f:
-            f.seek(index * PAGE)
-            done += len(f.read(PAGE))
-    return {"reads": reads, "bytes": done, "distinct_pages": len(set(chosen)), "pages": len(pages)}
+    plan = plan_reads(tree, reads, seed=seed)
+    _section(f"live mounts: {reads} seeded zipf 4 KiB reads ({plan.distinct_pages} distinct pages), "
+             f"first-chance cache {page_cache_pages} pages, embedded tmem host")
+    rows = []
+    for tmem_pages in tmem_sizes:
+        run = live_run(tree, plan, page_cache_pages=page_cache_pages, tmem_pages=tmem_pages, seed=seed)
+        rows.append(_live_row(run))
+    print(_table(rows, LIVE_COLUMNS))
+    return rows
 
 
-def mount_stats(mountpoint: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "guestfs", "stats", str(mountpoint), "--json"],
-        check=True, capture_output=True, text=True, timeout=30,
-    )
-    return json.loads(out.stdout)
+def _live_row(run: dict[str, Any]) -> dict[str, Any]:
+    stats, reads = run["stats"], run["reads"]
+    first, tmem = stats.get("page_cache_hits", 0), stats.get("succ_gets", 0)
+    return {
+        "tmem": f"{run['tmem_pages'] * 4} KiB",
+        "tmem_pages": run["tmem_pages"],
+        "reads": reads,
+        "wrong_reads": run["wrong_reads"],
+        "first_chance_hit": first / reads,
+        "tmem_hit": tmem / reads,
+        "total_hit": (first + tmem) / reads,
+        "backing_MiB": round(stats.get("backing_bytes_read", 0) / (1 << 20), 2),
+        "puts": stats.get("puts", 0),
+        "failed_gets": stats.get("failed_gets", 0),
+        "mode": stats.get("mode", ""),
+    }
 
 
-def run_live_workload(tree: Path, mnt: Path, args: argparse.Namespace) -> dict:
-    opts = ["--page-cache", args.page_cache, "--tmem", args.tmem]
-    with mounted(tree, mnt, opts) as root:
-        workload = read_workload(root, args.reads, args.seed)
-        stats = mount_stats(root)
-    return {"workload": workload, "stats": stats, "options": opts}
-
-
-def _print_live(live: dict) -> None:
-    s = live["stats"]
-    _section("live mount: " + " ".join(live["options"]))
-    print(json.dumps(live["workload"]))
-    print(json.dumps(s, indent=2, sort_keys=True)[:4000])
-
-
-# --- keying -------------------------------------------------------------------------
+# --- 3. keying ------------------------------------------------------------------------------
 
 
 @contextmanager
-def _btrfs(work: Path) -> Iterator[Path | None]:
+def _optional_btrfs(work: Path) -> Iterator[Path | None]:
     from .lab.btrfs import btrfs_subvolume_image, btrfs_unavailable_reason
 
     reason = btrfs_unavailable_reason()
     if reason:
-        print(f"btrfs part skipped: {reason}")
+        print(f"(btrfs part skipped: {reason})")
         yield None
         return
     with btrfs_subvolume_image(work / "btrfs") as image:
         yield Path(image.mountpoint)
 
 
-def _maybe_btrfs(stack: ExitStack, work: Path) -> Path | None:
-    return stack.enter_context(_btrfs(work))
+def run_keying(tree: Path, btrfs_tree: Path | None, seed: int) -> dict[str, Any]:
+    from .lab.keying import format_table, keying_table, live_keying
+
+    _section("v0/v1 keying: how files become tmem object ids, and where 64-bit folds collide (v1 must be 0)")
+    static = keying_table([tree] + ([btrfs_tree] if btrfs_tree else []))
+    print(format_table(static))
+    result: dict[str, Any] = {"trees": static, "live": []}
+    if btrfs_tree is None:
+        return result
+    _section("the same reads through live mounts of the btrfs subvolumes, per ABI "
+             "(tiny first-chance cache, so reads go through tmem)")
+    result["live"] = live_keying(btrfs_tree, reads=2000, seed=seed)
+    print(_table(result["live"], KEYING_LIVE_COLUMNS))
+    print("v0+ino folds both subvolumes' files onto the same 64-bit oids; the collision guard bypasses tmem for\n"
+          "the second owner (fold_collisions), so wrong_reads stays 0 at the cost of tmem hits.")
+    return result
 
 
-def run_keying(tree: Path, btrfs_tree: Path | None) -> list[dict]:
-    from .lab.keying import format_table, keying_table
-
-    paths = [tree] + ([btrfs_tree] if btrfs_tree else [])
-    rows = keying_table(paths)
-    _section("v0/v1 keying: collisions per key scheme (v1 must be 0)")
-    print(format_table(rows))
-    return rows
+# --- 4. trace sweep --------------------------------------------------------------------------
 
 
-def run_tmem_sweep(tree: Path, work: Path, args: argparse.Namespace) -> list[dict]:
-    return []
+def _demo_trace(path: str | None) -> Any:
+    from .lab.traces import load_trace, shared_traces_dir, synthetic_zipf
+
+    if path:
+        return load_trace(Path(path))
+    shared = shared_traces_dir()
+    if shared is not None and (shared / "lirs" / "multi2.trace.gz").is_file():
+        return load_trace(shared / "lirs" / "multi2.trace.gz")
+    return synthetic_zipf(30_000, 6_000, seed=1)
 
 
-def _write_results(out: Path, live: dict, keying: list[dict], sweep: list[dict]) -> None:
-    (out / "demo.json").write_text(json.dumps({"live": live, "keying": keying, "sweep": sweep}, indent=2, default=str))
+def run_trace_sweep(path: str | None) -> dict[str, Any]:
+    from .lab.hitrate import tmem_sweep
+
+    trace = _demo_trace(path)
+    page_cache_pages = 500
+    sizes = [0, 250, 500, 1000, 2000, 4000]
+    _section(f"trace {trace.name} ({trace.requests} requests): first-chance {page_cache_pages} pages + tmem M pages, "
+             "replayed through the real stack (exclusive private pool, and shared pool), against LRU(N+M) and Belady")
+    rows = tmem_sweep(trace, page_cache_pages, sizes, quiet=True)
+    print(_table(rows, SWEEP_COLUMNS))
+    return {"trace": trace.name, "page_cache_pages": page_cache_pages, "rows": rows}
 
 
-def _section(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+# --- 5. results -------------------------------------------------------------------------------
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    from .lab import plots, report
+
+    report.write_json(out / "demo.json", {"meta": report.run_metadata(["guestfs", "demo"]), **results})
+    report.write_csv(out / "live.csv", results["live"])
+    report.write_csv(out / "keying_trees.csv", results["keying"]["trees"])
+    if results["keying"]["live"]:
+        report.write_csv(out / "keying_live.csv", results["keying"]["live"])
+    sweep = results["sweep"]["rows"]
+    report.write_csv(out / "sweep.csv", sweep)
+    live = results["live"]
+    made = [
+        plots.plot_bars(out / "live.png", "live mounts: where reads were served", [r["tmem"] for r in live],
+                        {"first-chance": [100 * r["first_chance_hit"] for r in live],
+                         "tmem": [100 * r["tmem_hit"] for r in live]}, ylabel="reads (%)"),
+        plots.plot_curves(out / "sweep.png", f"{results['sweep']['trace']}: hit ratio vs tmem size", "tmem pages",
+                          {name: ([r["tmem_pages"] for r in sweep], [r[key] for r in sweep])
+                           for name, key in (("page cache only", "baseline_hit_ratio"),
+                                             ("+ tmem, exclusive", "exclusive_hit_ratio"),
+                                             ("+ tmem, shared", "shared_hit_ratio"),
+                                             ("Belady(N+M)", "belady_hit_ratio"))}),
+    ]
+    sections = [("Live mounts", _table(live, LIVE_COLUMNS)),
+                ("Keying", "```\n" + _keying_text(results["keying"]) + "\n```"),
+                ("Trace sweep: " + results["sweep"]["trace"], _table(sweep, SWEEP_COLUMNS))]
+    report.write_summary(out / "summary.md", "guestfs demo", sections)
+    pngs = [p.name for p in made if p is not None]
+    print("plots: " + (", ".join(pngs) if pngs else "none (install the 'plot' extra for PNGs)"))
+
+
+def _keying_text(keying: dict[str, Any]) -> str:
+    from .lab.keying import format_table
+
+    text = format_table(keying["trees"])
+    if keying["live"]:
+        text += "\n\n" + _table(keying["live"], KEYING_LIVE_COLUMNS)
+    return text
 
 
 if __name__ == "__main__":

@@ -118,6 +118,11 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         if missing:
             self.misses += len(missing)
             got = self.cleancache.get_pages(key, missing)
+            if len(missing) == 1:  # the common random read
+                if got[0] is not None:
+                    pages[missing[0] - first] = got[0]
+                    self._store(key, missing[0], got[0])  # just got from tmem: no tmem copy left to flush
+                return pages
             loaded = [(index, data) for index, data in zip(missing, got) if data is not None]
             if loaded:
                 for index, data in loaded:

@@ -116,7 +116,9 @@ class PageIO:
         file_size = st.st_size
         end = min(offset + size, file_size)
         with self._lock:
-            state = self._revalidate_locked(key, st)
+            state = self._files.get(key)
+            if state is None or state.validators != (file_size, st.st_mtime_ns, st.st_ctime_ns):
+                state = self._revalidate_locked(key, st)
             if offset >= end:
                 return b""
             self.reads += 1
