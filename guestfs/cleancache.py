@@ -207,9 +207,9 @@ class CleanCache:
 
     def get_pages(self, key: FileKey, indexes: list[int]) -> list[bytes | None]:
         """``get_page`` of each index in order (one object lookup for the run); None = miss."""
-        obj = self._objects.get(key)
-        if obj is None or not self.active:
-            if self.active:
+        obj = self._objects.get(key)  # an object exists only while the pool is active
+        if obj is None:
+            if self._pool_id >= 0:
                 self.failed_gets += len(indexes)
                 self.gets_skipped += len(indexes)
             return [None] * len(indexes)
@@ -218,13 +218,17 @@ class CleanCache:
         head, tail, pack = obj.get_head, obj.tail, _U32.pack
         out: list[bytes | None] = []
         for index in indexes:
-            if index not in tracked or not self.active:  # never put, or the transport failed meanwhile
-                if self.active:
+            if index not in tracked or self._pool_id < 0:  # never put, or the transport failed meanwhile
+                if self._pool_id >= 0:
                     self.failed_gets += 1
                     self.gets_skipped += 1
                 out.append(None)
                 continue
-            self._untrack(key, obj, index)
+            tracked.discard(index)  # _untrack, inlined: a private get is exclusive, hit or miss
+            self._tracked -= 1
+            if not tracked:
+                del self._objects[key]
+                del self._owners[obj.wire_oid]
             try:
                 rc = self.transport.call(head + pack(index) + tail, page)
             except OSError as exc:
@@ -239,7 +243,7 @@ class CleanCache:
 
     def put_page(self, key: FileKey, index: int, data: bytes) -> None:
         """Offer a clean page (<= 4096 bytes, zero-padded) to tmem. Always "succeeds"."""
-        if not self.active:
+        if self._pool_id < 0:  # not active (the property costs a frame on this hot path)
             return
         size = len(data)
         if size > PAGE_SIZE:

@@ -67,7 +67,11 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         del self[page_key]
         file_id, index = page_key >> _INDEX_BITS, page_key & _INDEX_MASK
         key = self._keys[file_id]
-        self._forget_index(file_id, index)
+        indexes = self._indexes[file_id]  # _forget_index, inlined (hot path)
+        indexes.discard(index)
+        if not indexes:
+            del self._indexes[file_id]
+            del self._ids[self._keys.pop(file_id)]
         self.evictions += 1
         self.cleancache.put_page(key, index, data)
         return page_key, data
@@ -150,31 +154,37 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
     def insert_many(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
         """Exactly ``insert`` of each ``(index, page)`` in order (distinct indexes), done faster.
 
-        When there are more new pages than the cache holds, the first ``len(pages) - maxsize`` of
-        them would be inserted and evicted again before the last one is in, after every page cached
-        now. So: evict everything cached now (LRU order, through ``popitem``), hand those first
-        pages to tmem directly (counted as evictions: the same puts in the same order), and insert
-        only the rest. Falls back to plain inserts when a page is already cached (a racing reader
-        loaded it), where an insert would not evict.
+        With more new pages than the cache holds, those inserts would evict everything cached
+        now and then the first ``len(pages) - maxsize`` new pages themselves. Those first pages are
+        handed to tmem directly instead of passing through the LRU: the host sees the same
+        flushes and puts in the same order, and the cache ends in the same state. Falls back to
+        plain inserts when a page is already cached (a racing reader loaded it; no eviction then).
         """
         if len(pages) == 1:  # the common random read: nothing to batch
             self.insert(key, *pages[0])
             return
-        if max(len(data) for _, data in pages) > PAGE_SIZE:  # refuse before changing anything
+        if max((len(data) for _, data in pages), default=0) > PAGE_SIZE:  # refuse before changing anything
             raise ValueError(f"a page is at most {PAGE_SIZE} bytes")
-        overflow = len(pages) - self.maxsize
-        if overflow > 0 and not any(self.has_page(key, index) for index, _ in pages):
-            while self._order:
-                self.popitem()
-            holds, invalidate, put = self.cleancache.holds, self.cleancache.invalidate_page, self.cleancache.put_page
-            for index, data in pages[:overflow]:
-                if holds(key, index):  # as insert: drop a racing reader's tmem copy first
-                    invalidate(key, index)
+        maxsize = int(self.maxsize)
+        if len(pages) <= maxsize or any(self.has_page(key, index) for index, _ in pages):
+            for index, data in pages:
+                self.insert(key, index, data)
+            return
+        cached_now, free = len(self), maxsize - len(self)
+        holds, invalidate, put = self.cleancache.holds, self.cleancache.invalidate_page, self.cleancache.put_page
+        for position, (index, data) in enumerate(pages):  # what insert #position would send
+            if holds(key, index):
+                invalidate(key, index)
+            victim = position - free  # the insert evicts once the cache is full
+            if victim < 0:
+                continue
+            if victim < cached_now:
+                self.popitem()  # the pages cached before this call go first, in LRU order
+            else:
                 self.evictions += 1
-                put(key, index, data)
-            pages = pages[overflow:]
-        for index, data in pages:
-            self.insert(key, index, data)
+                put(key, *pages[victim - cached_now])  # a new page pushed out again by later ones
+        for index, data in pages[len(pages) - maxsize :]:  # the cache is empty now: no evictions
+            self._store(key, index, data)
 
     def discard(self, key: FileKey, index: int) -> None:
         """Drop one page without offering it to tmem."""

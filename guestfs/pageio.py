@@ -132,6 +132,9 @@ class PageIO:
         if None in pages:
             self._fill_from_backing(key, fd, state, generation, first, pages, wanted)
             del pages[wanted:]
+        elif wanted == 1:  # a cached page: slicing a whole page returns it without a copy
+            base = first << PAGE_SHIFT
+            return pages[0][offset - base : end - base]  # type: ignore[index]
         return _assemble(pages, first, offset, end)
 
     def _readahead_indexes(self, key: FileKey, start: int, file_size: int) -> range:

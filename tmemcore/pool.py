@@ -377,13 +377,14 @@ class Pool:
     frozen client), NoDevice (pool destroyed), InvalidArgument (bad oid, index or data).
     """
 
-    __slots__ = ("client", "pool_id", "_pool", "_lock", "_oid_limit", "_slots", "_put", "_get")
+    __slots__ = ("client", "pool_id", "_pool", "_lock", "_acquire", "_release", "_oid_limit", "_slots", "_put", "_get")
 
     def __init__(self, client: "Client", pool_id: int, pool: TmemPool) -> None:
         self.client = client
         self.pool_id = pool_id
         self._pool = pool
         self._lock = client.host.lock
+        self._acquire, self._release = self._lock.acquire, self._lock.release
         self._slots = client.pools  # the client's slot list (mutated in place, never replaced)
         self._put = pool.put  # bound once: the hot path saves two attribute lookups per call
         self._get = pool.get
@@ -423,22 +424,28 @@ class Pool:
             data = _page_bytes(data)
         if type(oid) is not int or type(index) is not int or not (0 <= oid < self._oid_limit and 0 <= index <= INDEX_MAX):
             self._key(oid, index)
-        with self._lock:
+        # acquire/try/finally, not ``with``: measured ~70 ns cheaper per call on CPython 3.11
+        self._acquire()
+        try:
             if self._slots[self.pool_id] is not self._pool:
                 raise NoDevice(f"pool {self.pool_id} of client {self.client.cli_id} was destroyed")
-            try:
-                self._put(self.client, oid, index, data)
-            except (NoMemory, NoSpace):
-                return False
+            self._put(self.client, oid, index, data)
             return True
+        except (NoMemory, NoSpace):
+            return False
+        finally:
+            self._release()
 
     def get(self, oid: int, index: int) -> bytes | None:
         if type(oid) is not int or type(index) is not int or not (0 <= oid < self._oid_limit and 0 <= index <= INDEX_MAX):
             self._key(oid, index)
-        with self._lock:
+        self._acquire()
+        try:
             if self._slots[self.pool_id] is not self._pool:
                 raise NoDevice(f"pool {self.pool_id} of client {self.client.cli_id} was destroyed")
             return self._get(self.client, oid, index)
+        finally:
+            self._release()
 
     def flush_page(self, oid: int, index: int) -> bool:
         """True if the page was there. (A frozen client's flushes act; the ABI's -EFROZEN

@@ -23,7 +23,7 @@ from .control import Control
 from .dedup import Pcd
 from .errors import InvalidArgument, NotPermitted
 from .eviction import EphemeralLists
-from .hypercall import Hypercall
+from .hypercall import Hypercall, fast_entry
 from .page import DATA, POOL, PageCodec
 from .pool import TmemPool
 from .store import MemoryStore
@@ -53,7 +53,6 @@ class Tmem:
         if spec_version not in (SPEC_V0, SPEC_V1):
             raise InvalidArgument(f"spec_version must be 0 or 1, got {spec_version!r}")
         self.lock = threading.RLock()
-        self.enabled = enabled  # Xen's tmem boot option: off -> every op is -ENODEV
         self.memory_pages = memory_pages
         self.budget_bytes = memory_pages * PAGE_SIZE
         self.max_descriptors = memory_pages * DESCRIPTORS_PER_PAGE
@@ -81,8 +80,19 @@ class Tmem:
         self.total_flush_pool = 0
         self.hypercall = Hypercall(self)
         self.control = Control(self)
-        # The hot path: one Python frame less per hypercall than the method below.
-        self.do_tmem_op = self.hypercall.do_tmem_op  # type: ignore[method-assign]
+        self.enabled = enabled  # binds do_tmem_op (see the property)
+
+    @property
+    def enabled(self) -> bool:
+        """Xen's tmem boot option: off -> every op is -ENODEV."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, enabled: bool) -> None:
+        # The hot path (hypercall.fast_entry) assumes an enabled host, so it is bound only then:
+        # one Python frame less per hypercall than the method below, and no per-op flag test.
+        self._enabled = bool(enabled)
+        self.do_tmem_op = fast_entry(self.hypercall) if enabled else self.hypercall.do_tmem_op  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"Tmem(memory_pages={self.memory_pages}, used_bytes={self.used_bytes}, pages={self.npages})"
@@ -92,7 +102,7 @@ class Tmem:
     def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | memoryview | None = None) -> int:
         """One hypercall: a raw ``struct tmem_op`` image from ``client_id``; Xen's return code.
 
-        (Instances bind this name to ``Hypercall.do_tmem_op``, which does exactly this.)"""
+        (Instances bind this name to ``hypercall.fast_entry``, which does exactly this.)"""
         return self.hypercall.do_tmem_op(client_id, op, page)
 
     # --- clients --------------------------------------------------------------------------------
