@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,24 @@ SWEEP_COLUMNS = ["tmem_pages", "baseline_hit_ratio", "exclusive_hit_ratio", "sha
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
-        page_cache_pages = size_to_pages(parse_size(args.page_cache))
-        tmem_sizes = [size_to_pages(parse_size(s)) for s in args.tmem_sizes.split(",")]
-    except ValueError as exc:
-        raise SystemExit(f"guestfs demo: {exc}") from None
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+        page_cache_pages = _pages(args.page_cache)
+        tmem_sizes = [_pages(s) for s in args.tmem_sizes.split(",")]
+        trace = _demo_trace(args.trace)
+        out = Path(args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    try:
+        return _run(args, out, page_cache_pages, tmem_sizes, trace)
+    except (OSError, RuntimeError, ValueError) as exc:  # a mount that fails, a full disk: one line, no traceback
+        print(f"guestfs demo: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, out: Path, page_cache_pages: int, tmem_sizes: list[int], trace: Any) -> int:
     started = time.monotonic()
     results: dict[str, Any] = {}
     with ExitStack() as stack:
@@ -47,10 +58,27 @@ def main(argv: list[str] | None = None) -> int:
         results["live"] = run_live_sweep(tree, page_cache_pages, tmem_sizes, args.reads, args.seed)
         btrfs_tree = stack.enter_context(_optional_btrfs(work))
         results["keying"] = run_keying(tree, btrfs_tree, args.seed)
-        results["sweep"] = run_trace_sweep(args.trace)
+        results["sweep"] = run_trace_sweep(trace)
     _write_results(out, results)
     _section(f"done in {time.monotonic() - started:.0f} s; results in {out}")
     return 0
+
+
+def _pages(text: str) -> int:
+    pages = size_to_pages(parse_size(text))
+    if pages < 1:
+        raise ValueError(f"size {text!r} must be at least one 4 KiB page")
+    return pages
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", default="results/demo", help="directory for CSV/JSON/PNG/Markdown results")
-    p.add_argument("--files", type=int, default=120, help="files in the sample tree (real text from /usr/share)")
-    p.add_argument("--reads", type=int, default=4000, help="4 KiB reads per live run")
+    p.add_argument("--files", type=_positive_int, default=120, help="files in the sample tree (real text from /usr/share)")
+    p.add_argument("--reads", type=_positive_int, default=4000, help="4 KiB reads per live run")
     p.add_argument("--page-cache", default="256K", help="first-chance page cache of each mount")
     p.add_argument("--tmem-sizes", default="4K,1M,4M,16M", help="embedded tmem budgets to sweep (4K = one page: no tmem)")
     p.add_argument("--trace", default=None,
@@ -177,10 +205,9 @@ def _demo_trace(path: str | None) -> Any:
     return synthetic_zipf(30_000, 6_000, seed=1)
 
 
-def run_trace_sweep(path: str | None) -> dict[str, Any]:
+def run_trace_sweep(trace: Any) -> dict[str, Any]:
     from .lab.hitrate import tmem_sweep
 
-    trace = _demo_trace(path)
     page_cache_pages = 500
     sizes = [0, 250, 500, 1000, 2000, 4000]
     _section(f"trace {trace.name} ({trace.requests} requests): first-chance {page_cache_pages} pages + tmem M pages, "

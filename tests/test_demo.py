@@ -32,3 +32,13 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert all(row["wrong_reads"] == 0 for row in results["keying"]["live"])
     assert {"live.csv", "sweep.csv", "summary.md"} <= {p.name for p in out.iterdir()}
     assert _fuse_mounts() == before
+
+
+@pytest.mark.parametrize("argv", [["--files", "0"], ["--reads", "-1"], ["--page-cache", "0"],
+                                  ["--trace", "/nonexistent/trace"], ["--tmem-sizes", "4K,zz"]])
+def test_demo_bad_arguments_are_one_line_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("guestfs demo: error:")
