@@ -12,11 +12,15 @@ All cases run in the same process, interleaved round by round, on the same files
 * ``guestfs-tmem``   first-chance cache of 8 pages, tmem larger than the data: reads are tmem hits
 * ``guestfs-miss``   8-page first-chance cache, 1-page tmem: reads go to the backing file
 
-Each guestfs case prints the fraction of its timed reads that the intended tier served (from the
-mount's stats), so the isolation is checked, not assumed. ``--in-process`` adds the cost of
-``Ops.read`` without FUSE for the same three tiers, to show where time goes.
+Each guestfs case prints the fraction of its timed reads (random) and of the pages it read
+(sequential) that the intended tier served, from the mount's own counters, so the isolation is
+checked, not assumed (sequential fractions can exceed 100 %: a page straddling two FUSE requests is
+served twice). ``--in-process`` adds ``Ops.read`` without FUSE for the same three tiers: the 4 KiB
+median, how much of it is spent inside the host's ``do_tmem_op`` and in ``fstat``, and 1 MiB
+sequential speed, to show where the time goes.
 
-Usage: python benchmarks/bench_fuse.py [--reads 4000] [--rounds 5] [--record docs/benchmarks.md]
+Usage: python benchmarks/bench_fuse.py [--reads 4000] [--rounds 5] [--in-process] [--pin-cpu 0]
+                                      [--record docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +54,9 @@ GUESTFS_CASES = {
     "guestfs-miss": ["--page-cache", "32K", "--tmem", "4K"],
 }
 TIER_COUNTERS = {"guestfs-fc": "page_cache_hits", "guestfs-tmem": "succ_gets", "guestfs-miss": "backing_reads"}
+# Sequential reads count pages, not requests: a miss of a whole 1 MiB read is one backing pread.
+SEQ_TIER_PAGES = {"guestfs-fc": ("page_cache_hits", 1), "guestfs-tmem": ("succ_gets", 1),
+                  "guestfs-miss": ("backing_bytes_read", PAGE)}
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Case:
     round_ops: list[float] = field(default_factory=list)
     seq_mib_s: list[float] = field(default_factory=list)
     tier_fraction: list[float] = field(default_factory=list)
+    seq_tier_fraction: list[float] = field(default_factory=list)
 
 
 def random_reads(path: Path, offsets: list[int], case: Case) -> None:
@@ -147,6 +157,12 @@ def tier_counter(case: Case) -> int:
     return int(case.handle.stats()[TIER_COUNTERS[case.name]])
 
 
+def seq_tier_pages(case: Case) -> int:
+    assert case.handle is not None
+    counter, unit = SEQ_TIER_PAGES[case.name]
+    return int(case.handle.stats()[counter]) // unit
+
+
 def percentile(values: list[int], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1000
@@ -189,7 +205,11 @@ def run(args: argparse.Namespace) -> str:
                 if case.handle:
                     case.tier_fraction.append((tier_counter(case) - before) / len(offsets))
             for case in cases:
+                before = seq_tier_pages(case) if case.handle else 0
                 case.seq_mib_s += [sequential_read(case.root / "seq.bin") for _ in range(args.seq_passes)]
+                if case.handle:
+                    pages = args.seq_passes * (args.seq_mib << 20) // PAGE
+                    case.seq_tier_fraction.append((seq_tier_pages(case) - before) / pages)
     finally:
         for case in cases:
             if case.handle:
@@ -224,13 +244,15 @@ def format_report(cases: list[Case], args: argparse.Namespace) -> str:
                      f"{max(case.round_medians_us):.1f} | {percentile(case.latencies_ns, 0.9):.1f} | "
                      f"{statistics.median(case.round_ops):,.0f} | {ratio} | {tier} |")
     seq_base = statistics.median(by_name["bindfs"].seq_mib_s) if "bindfs" in by_name else None
-    lines += ["", "| case | sequential MiB/s (median) | min–max | × bindfs | × direct |", "|---|---|---|---|---|"]
+    lines += ["", "| case | sequential MiB/s (median) | min–max | × bindfs | × direct | "
+              "pages served by intended tier |", "|---|---|---|---|---|---|"]
     seq_direct = statistics.median(by_name["direct"].seq_mib_s)
     for case in cases:
         speed = statistics.median(case.seq_mib_s)
         ratio = f"{speed / seq_base:.2f}" if seq_base else "n/a"
+        tier = f"{statistics.median(case.seq_tier_fraction):.1%}" if case.seq_tier_fraction else "-"
         lines.append(f"| {case.name} | {speed:,.0f} | {min(case.seq_mib_s):,.0f}–{max(case.seq_mib_s):,.0f} | "
-                     f"{ratio} | {speed / seq_direct:.2f} |")
+                     f"{ratio} | {speed / seq_direct:.2f} | {tier} |")
     lines.append("")
     lines.append(f"direct pread median: {direct / 1000:.2f} µs")
     lines.append("")
@@ -238,7 +260,7 @@ def format_report(cases: list[Case], args: argparse.Namespace) -> str:
 
 
 def in_process_breakdown(args: argparse.Namespace) -> str:
-    """Ops.read per tier without FUSE: separates the cache's own cost from the FUSE round trip."""
+    """Ops.read per tier without FUSE, split into host time and the rest; PageIO sequential speed."""
     from guestfs.filekey import key_for_fd, key_for_path
     from guestfs.ops import Ops
     from guestfs.stack import StackConfig, build_stack
@@ -252,7 +274,8 @@ def in_process_breakdown(args: argparse.Namespace) -> str:
     configs = {"fc": StackConfig(page_cache_pages=4096, tmem_pages=1, abi="v1"),
                "tmem": StackConfig(page_cache_pages=8, tmem_pages=4096, abi="v1"),
                "miss": StackConfig(page_cache_pages=8, tmem_pages=1, abi="v1")}
-    lines = ["| in-process Ops.read (no FUSE) | median µs |", "|---|---|"]
+    lines = ["| in-process (no FUSE) | Ops.read 4 KiB median µs | of which in the host (do_tmem_op) µs | "
+             "of which fstat µs | Ops.read 1 MiB sequential MiB/s |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         data = Path(work) / "data.bin"
         data.write_bytes(os.urandom(8 << 20))
@@ -271,18 +294,55 @@ def in_process_breakdown(args: argparse.Namespace) -> str:
                 t0 = clock()
                 ops.read("/data.bin", PAGE, offset, fi)
                 timings.append(clock() - t0)
+            host_us = _host_time_per_read(stack, lambda offset: ops.read("/data.bin", PAGE, offset, fi), offsets)
+            fd = os.open(data, os.O_RDONLY)
+            fstat_us = min(timeit.repeat(lambda: os.fstat(fd), number=2000, repeat=5)) / 2000 * 1e6
+            os.close(fd)
+            seq = []
+            for _ in range(5):
+                t0 = clock()
+                for offset in range(0, 8 << 20, 1 << 20):
+                    ops.read("/data.bin", 1 << 20, offset, fi)
+                seq.append(8 / ((clock() - t0) / 1e9))
             ops.release("/data.bin", fi)
             stack.close()
-            lines.append(f"| {name} | {statistics.median(timings) / 1000:.1f} |")
+            lines.append(f"| {name} | {statistics.median(timings) / 1000:.1f} | {host_us:.1f} | {fstat_us:.1f} | "
+                         f"{statistics.median(seq):,.0f} |")
     return "\n".join(lines)
+
+
+def _host_time_per_read(stack: object, read: Callable[[int], object], offsets: list[int]) -> float:
+    """Median µs per read spent inside the host's ``do_tmem_op`` (timed around each transport call)."""
+    transport = stack.transport  # type: ignore[attr-defined]
+    inner = transport.call
+    spent = [0]
+    clock = time.perf_counter_ns
+
+    def timed_call(op: bytes, page: bytearray | None = None) -> int:
+        t0 = clock()
+        try:
+            return inner(op, page)  # type: ignore[no-any-return]
+        finally:
+            spent[0] += clock() - t0
+
+    per_read = []
+    transport.call = timed_call
+    try:
+        for offset in offsets:
+            spent[0] = 0
+            read(offset)
+            per_read.append(spent[0])
+    finally:
+        transport.call = inner
+    return statistics.median(per_read) / 1000
 
 
 def record(doc: Path, report: str) -> None:
     """Replace only the "latest run" part of this benchmark's section of ``doc`` (hand-written analysis stays)."""
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    command = " ".join(["python", "benchmarks/bench_fuse.py", *sys.argv[1:]])
     latest = (f"{LATEST}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-              f"{os.cpu_count()} vCPUs with `python benchmarks/bench_fuse.py --in-process --record docs/benchmarks.md`."
-              f"\n\n{report}\n")
+              f"{os.cpu_count()} vCPUs with `{command}`.\n\n{report}\n")
     if SECTION not in text:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\n(analysis: see below)\n\n{latest}"
     elif LATEST not in text:
@@ -310,11 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where to put scratch files (default: $TMPDIR)")
     parser.add_argument("--in-process", action="store_true", help="also time Ops.read without FUSE")
     parser.add_argument("--record", metavar="DOC", default=None, help="write the result section into DOC")
+    parser.add_argument("--pin-cpu", type=int, default=None, metavar="N",
+                        help="run everything (this process, the daemons, the readers) on CPU N: on a shared VM, "
+                             "cross-CPU wake-ups make some rounds 3-5x slower for every Python daemon")
     parser.add_argument("--serve-minimal", nargs=2, metavar=("SRC", "MNT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_minimal:
         serve_minimal(*args.serve_minimal)
         return 0
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})  # inherited by every mount daemon started below
     report = run(args)
     print(report)
     if args.record:

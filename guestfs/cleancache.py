@@ -189,7 +189,7 @@ class CleanCache:
         """The page's 4096 bytes from tmem (removing it: private gets are exclusive), or None."""
         obj = self._objects.get(key)
         if obj is None or index not in obj.indexes:
-            if self.active:
+            if self._pool_id >= 0:  # active (the property costs a frame on this hot path)
                 self.failed_gets += 1
                 self.gets_skipped += 1
             return None
@@ -214,7 +214,7 @@ class CleanCache:
                 self.gets_skipped += len(indexes)
             return [None] * len(indexes)
         tracked = obj.indexes
-        page = self._page
+        page, call = self._page, self.transport.call
         head, tail, pack = obj.get_head, obj.tail, _U32.pack
         out: list[bytes | None] = []
         for index in indexes:
@@ -230,7 +230,7 @@ class CleanCache:
                 del self._objects[key]
                 del self._owners[obj.wire_oid]
             try:
-                rc = self.transport.call(head + pack(index) + tail, page)
+                rc = call(head + pack(index) + tail, page)
             except OSError as exc:
                 rc = self._transport_failed(exc)
             if rc == 1:
@@ -276,6 +276,35 @@ class CleanCache:
             self.host_put_failures += 1  # still tracked: a failed duplicate put may leave nothing, never old data
         if self._tracked > self.max_tracked_pages:
             self._flush_oldest_object()
+
+    def put_pages(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
+        """``put_page`` of each ``(index, page)`` in order, with the per-run lookups done once."""
+        objects, page, pack = self._objects, self._page, _U32.pack
+        call = self.transport.call
+        for index, data in pages:
+            obj = objects.get(key)
+            if obj is None or len(data) != PAGE_SIZE or index > MAX_INDEX:  # claim, pad, refuse: the general path
+                self.put_page(key, index, data)
+                continue
+            self.puts += 1
+            page[:] = data
+            tracked = obj.indexes
+            if index not in tracked:
+                tracked.add(index)
+                self._tracked += 1
+            try:
+                rc = call(obj.put_head + pack(index) + obj.tail, page)
+            except OSError as exc:
+                rc = self._transport_failed(exc)
+            if rc != 1:
+                self.host_put_failures += 1
+            if self._tracked > self.max_tracked_pages:
+                self._flush_oldest_object()
+
+    def holds_any(self, key: FileKey, indexes: list[int]) -> bool:
+        """True when any of the pages may be in tmem."""
+        obj = self._objects.get(key)
+        return obj is not None and not obj.indexes.isdisjoint(indexes)
 
     def holds(self, key: FileKey, index: int) -> bool:
         """True when the page may be in tmem (it was put and not since got or flushed)."""

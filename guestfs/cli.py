@@ -1,7 +1,8 @@
 """``guestfs`` command line: mount, umount, stats, and the lab/demo entry points.
 
-Exit status: 0 success, 1 runtime failure (mount did not come up, not a guestfs mount), 2 bad usage
-(unknown option, bad size, missing source, mountpoint not a directory) -- always one line on stderr.
+Exit status: 0 success, 1 runtime failure (mount did not come up, tmemd unreachable, not a guestfs
+mount), 2 bad usage (unknown or contradictory option, bad size or number, missing source, mountpoint
+not a directory) -- always one line on stderr.
 """
 
 from __future__ import annotations
@@ -15,15 +16,32 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from guestfs.config import ABIS, BINDINGS, FOLDS, HOST_SPECS, THREADS, MountConfig, parse_fuse_options, parse_pages
+from guestfs.config import (
+    ABIS,
+    BINDINGS,
+    FOLDS,
+    HOST_SPECS,
+    MAX_CLIENT_ID,
+    THREADS,
+    MountConfig,
+    parse_fuse_options,
+    parse_pages,
+    parse_seconds,
+)
 
 DEFAULT_PAGE_CACHE = "16M"
 DEFAULT_TMEM = "256M"
 DEFAULT_ABI = "auto"
+DEFAULT_HOST_SPEC = "auto"
 DEFAULT_ATTR_TIMEOUT = 1.0
 DEFAULT_MOUNT_TIMEOUT = 10.0
+SERVER_PROBE_TIMEOUT = 5.0  # seconds to connect to a --server before mounting
 
 _DELEGATES = {"lab": ("guestfs.lab.cli", "main"), "demo": ("guestfs.demo", "main")}
+_DELEGATE_HELP = {
+    "lab": "trace-driven hit-rate experiments (see guestfs lab --help)",
+    "demo": "mount a sample tree, run a workload, show hit rates and v0/v1 keying (see guestfs demo --help)",
+}
 
 
 class UsageError(Exception):
@@ -35,6 +53,24 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _seconds(what: str, *, allow_zero: bool) -> Callable[[str], float]:
+    """An argparse type: finite seconds (NaN or infinity would make every deadline unreachable)."""
+    def parse(text: str) -> float:
+        try:
+            return parse_seconds(text, what, allow_zero=allow_zero)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{what} ")) from None
+
+    return parse
+
+
+def _client_id(text: str) -> int:
+    """An argparse type: a guest client (domain) id 1..65534."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CLIENT_ID:
+        raise argparse.ArgumentTypeError(f"must be a client id in 1..{MAX_CLIENT_ID}, got {text!r}")
+    return int(text)
 
 
 def _default_binding() -> str:
@@ -49,33 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Mount the directory SOURCE at MOUNTPOINT through guestfs. Without -f the "
                                             "daemon runs detached and the command returns once the mount answers.")
     mount.add_argument("source", metavar="SOURCE", help="backing directory")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="empty directory to mount on")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT",
+                       help="directory to mount on (its contents are hidden while mounted)")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="serve in the foreground until unmounted or signalled (default: detach)")
     mount.add_argument("--page-cache", metavar="SIZE", default=DEFAULT_PAGE_CACHE,
                        help="first-chance page cache size, K/M/G suffixes or bytes, rounded up to 4 KiB pages "
                             f"(default: {DEFAULT_PAGE_CACHE})")
-    mount.add_argument("--tmem", metavar="SIZE", default=DEFAULT_TMEM,
-                       help=f"memory budget of the embedded tmem host (default: {DEFAULT_TMEM}; ignored with --server)")
+    mount.add_argument("--tmem", metavar="SIZE", default=None,
+                       help=f"memory budget of the embedded tmem host, at most 1T (default: {DEFAULT_TMEM}; "
+                            "not with --server)")
     mount.add_argument("--abi", choices=ABIS, default=DEFAULT_ABI,
                        help="tmem ABI the guest speaks: v1 (192-bit oids), v0 (64-bit oids), auto = v1, then v0 "
                             "if the host refuses, then plain passthrough (default: %(default)s)")
     mount.add_argument("--v0-fold", choices=FOLDS, default="xxh64",
                        help="how v0 folds a 192-bit file key to 64 bits (default: %(default)s)")
     mount.add_argument("--compress", action="store_true",
-                       help="ask the embedded host to compress this client's pages (default: off)")
+                       help="ask the embedded host to compress this client's pages (default: off; not with "
+                            "--server: a tmemd compresses per its --compress-default)")
     mount.add_argument("--ro", action="store_true", help="mount read-only (default: read-write)")
-    mount.add_argument("--host-spec", choices=HOST_SPECS, default="auto",
+    mount.add_argument("--host-spec", choices=HOST_SPECS, default=None,
                        help="ABI of the embedded host: v1, v0, both, or auto = v1 (both when --abi v0) "
-                            "(default: %(default)s)")
+                            f"(default: {DEFAULT_HOST_SPEC}; not with --server)")
     mount.add_argument("--server", metavar="ADDR", default=None,
-                       help="use a running tmemd at tcp:HOST:PORT or unix:PATH instead of the embedded host "
-                            "(default: embedded)")
+                       help="use a running tmemd at tcp:HOST:PORT or unix:PATH instead of the embedded host; "
+                            "it must be reachable or the mount fails (default: embedded)")
+    mount.add_argument("--client-id", metavar="N", type=_client_id, default=None,
+                       help=f"tmem client (domain) id 1..{MAX_CLIENT_ID} of this mount (default: 1 on the embedded "
+                            "host; with --server the lowest id no other connection uses, assigned by tmemd)")
     mount.add_argument("--fuse", choices=BINDINGS, default=_default_binding(),
                        help="FUSE binding: mfusepy on libfuse3 or fusepy on libfuse2 "
                             "(default: $GUESTFS_FUSE or mfusepy; currently %(default)s)")
-    mount.add_argument("--attr-timeout", metavar="SECONDS", type=float, default=DEFAULT_ATTR_TIMEOUT,
-                       help="kernel attribute/entry cache timeout (default: %(default)s)")
+    mount.add_argument("--attr-timeout", metavar="SECONDS", type=_seconds("--attr-timeout", allow_zero=True),
+                       default=DEFAULT_ATTR_TIMEOUT,
+                       help="kernel attribute/entry cache timeout, 0..3600 (default: %(default)s)")
     mount.add_argument("--threads", choices=THREADS, default="single",
                        help="libfuse loop: single (lowest per-request cost) or multi (overlaps slow backing I/O) "
                             "(default: %(default)s)")
@@ -85,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--log", metavar="FILE", default=None,
                        help="daemon log file when detached (default: $XDG_RUNTIME_DIR or /tmp, "
                             "guestfs-UID/<mountpoint>.log)")
-    mount.add_argument("--timeout", metavar="SECONDS", type=float, default=DEFAULT_MOUNT_TIMEOUT,
-                       help="how long to wait for a detached mount to become live (default: %(default)s)")
+    mount.add_argument("--timeout", metavar="SECONDS", type=_seconds("--timeout", allow_zero=False),
+                       default=DEFAULT_MOUNT_TIMEOUT,
+                       help="how long to wait for a detached mount to become live, > 0 (default: %(default)s)")
     mount.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: info)")
 
     umount = commands.add_parser("umount", help="unmount a guestfs mount",
@@ -99,32 +143,48 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
     stats.add_argument("--json", action="store_true", help="print raw JSON (default: text)")
 
-    for name, (module, _) in _DELEGATES.items():
-        commands.add_parser(name, help=f"run {module}.main with the remaining arguments", add_help=False)
+    for name in _DELEGATES:
+        commands.add_parser(name, help=_DELEGATE_HELP[name], add_help=False)
     return parser
 
 
 def mount_config(args: argparse.Namespace) -> MountConfig:
     """Validate every mount option into a MountConfig; raises UsageError (one line)."""
     try:
+        _refuse_embedded_options_with_server(args)
         return MountConfig.create(
             args.source, args.mountpoint,
             page_cache_pages=parse_pages(args.page_cache, "--page-cache"),
-            tmem_pages=parse_pages(args.tmem, "--tmem"),
+            tmem_pages=parse_pages(args.tmem or DEFAULT_TMEM, "--tmem"),
             abi=args.abi, fold=args.v0_fold, compress=args.compress, read_only=args.ro,
-            host_spec=args.host_spec, server=args.server, binding=args.fuse,
-            attr_timeout=args.attr_timeout, threads=args.threads, fuse_options=parse_fuse_options(args.fuse_options),
+            host_spec=args.host_spec or DEFAULT_HOST_SPEC, server=args.server, client_id=args.client_id,
+            binding=args.fuse, attr_timeout=args.attr_timeout, threads=args.threads,
+            fuse_options=parse_fuse_options(args.fuse_options),
         )
     except ValueError as exc:
         raise UsageError(f"guestfs mount: error: {exc}") from None
+
+
+def _refuse_embedded_options_with_server(args: argparse.Namespace) -> None:
+    """--tmem and --host-spec configure the embedded host; with --server they would be silently ignored."""
+    if args.server is None:
+        return
+    for option, value in (("--tmem", args.tmem), ("--host-spec", args.host_spec)):
+        if value is not None:
+            raise ValueError(f"{option} configures the embedded host and cannot be used with --server")
 
 
 def run_mount(args: argparse.Namespace) -> int:
     from guestfs import mount as mounting
 
     config = mount_config(args)
-    if args.timeout <= 0:
-        raise UsageError("guestfs mount: error: --timeout must be positive")
+    if config.server is not None and not args.foreground:  # (a foreground daemon's build_stack connects itself)
+        from guestfs.stack import ServerUnreachable, probe_server
+
+        try:  # before anything is mounted: an unreachable host is an error, not a silent passthrough
+            probe_server(config.server, config.client_id, timeout=min(args.timeout, SERVER_PROBE_TIMEOUT))
+        except ServerUnreachable as exc:
+            return _fail(f"guestfs mount: {exc}")
     if not args.foreground:
         try:
             handle = mounting.start_mount(config.source, config.mountpoint, config.to_args()

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from guestfs.stack import StackConfig
 
 PAGE_SIZE = 4096
+MAX_SIZE = 1 << 40  # 1 TiB: any size option beyond it is a typo, not a cache (documented in docs/guestfs.md)
+MAX_CLIENT_ID = 0xFFFE  # 0xFFFF is Xen's CLI_ID_NULL (the wire's "assign me one")
 
 ABIS = ("auto", "v1", "v0")
 FOLDS = ("xxh64", "ino")
@@ -33,25 +35,44 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """Parse "4096", "16K", "64M", "1G" (binary units, optional "B"/"iB") into bytes."""
+    """Parse "4096", "16K", "64M", "1G", "1T" (binary units, optional "B"/"iB") into bytes, at most 1 TiB."""
     match = _SIZE_RE.match(text)
     if match is None:
-        raise ValueError(f"invalid size {text!r}: expected a number of bytes with an optional K/M/G suffix")
+        raise ValueError(f"invalid size {text!r}: expected a number of bytes with an optional K/M/G/T suffix")
     number, unit, _ = match.groups()
-    return int(number) * _SIZE_UNITS[unit.lower()]
+    size = int(number) * _SIZE_UNITS[unit.lower()]
+    if size > MAX_SIZE:
+        raise ValueError(f"size {text!r} is larger than the 1 TiB limit")
+    return size
 
 
 def size_to_pages(nbytes: int) -> int:
-    """Bytes → 4 KiB pages, rounding up (a budget of 1 byte still holds one page)."""
-    return math.ceil(nbytes / PAGE_SIZE)
+    """Bytes → 4 KiB pages, rounding up in integers (a budget of 1 byte still holds one page)."""
+    return -(-nbytes // PAGE_SIZE)
 
 
 def parse_pages(text: str, what: str) -> int:
     """A size option in pages; at least one page, because a zero-sized cache is a misconfiguration."""
-    pages = size_to_pages(parse_size(text))
+    try:
+        pages = size_to_pages(parse_size(text))
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
     if pages < 1:
-        raise ValueError(f"{what} must be at least {PAGE_SIZE} bytes, got {text!r}")
+        raise ValueError(f"{what} must be at least 1 byte (sizes are rounded up to whole {PAGE_SIZE}-byte pages), "
+                         f"got {text!r}")
     return pages
+
+
+def parse_seconds(text: str, what: str, *, allow_zero: bool) -> float:
+    """A finite, non-negative (or with ``allow_zero=False`` positive) number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{what} must be a finite number of seconds {bound}, got {text!r}")
+    return value
 
 
 def parse_fuse_options(values: list[str]) -> tuple[str, ...]:
@@ -88,6 +109,7 @@ class MountConfig:
     read_only: bool = False
     host_spec: str = "auto"
     server: str | None = None
+    client_id: int | None = None  # None: 1 on the embedded host, assigned by tmemd with --server
     binding: str = "mfusepy"
     attr_timeout: float = 1.0
     threads: str = "single"
@@ -122,20 +144,41 @@ class MountConfig:
         _choice(self.host_spec, HOST_SPECS, "--host-spec")
         _choice(self.binding, BINDINGS, "--fuse")
         _choice(self.threads, THREADS, "--threads")
-        if not (0.0 <= self.attr_timeout <= 3600.0):
+        if not (0.0 <= self.attr_timeout <= 3600.0):  # also false for NaN
             raise ValueError(f"--attr-timeout must be between 0 and 3600 seconds, got {self.attr_timeout}")
-        if self.server is not None and not self.server.startswith(("tcp:", "unix:")):
-            raise ValueError(f"--server must look like tcp:HOST:PORT or unix:PATH, got {self.server!r}")
+        if self.client_id is not None and not 1 <= self.client_id <= MAX_CLIENT_ID:
+            raise ValueError(f"--client-id must be in 1..{MAX_CLIENT_ID}, got {self.client_id}")
+        if self.server is not None:
+            self._validate_server()
+
+    def _validate_server(self) -> None:
+        assert self.server is not None
+        from tmemcore.wire import parse_address  # lazily: only --server needs the wire module
+
+        try:
+            parse_address(self.server)
+        except ValueError:
+            raise ValueError(f"--server must look like tcp:HOST:PORT or unix:PATH, got {self.server!r}") from None
+        if self.host_spec != "auto":
+            raise ValueError("--host-spec configures the embedded host and cannot be used with --server")
+        if self.compress:
+            # TMEMC_SET_COMPRESS is a control op: tmemd takes it from client 0 (dom0) only, never a guest
+            raise ValueError("--compress needs the embedded host; a tmemd's compression is set by its "
+                             "--compress-default")
 
     def to_args(self) -> list[str]:
         """The ``guestfs mount`` options (without SOURCE/MOUNTPOINT) that recreate this config."""
         args = [
-            "--page-cache", str(self.page_cache_pages * PAGE_SIZE), "--tmem", str(self.tmem_pages * PAGE_SIZE),
-            "--abi", self.abi, "--v0-fold", self.fold, "--host-spec", self.host_spec, "--fuse", self.binding,
-            "--attr-timeout", repr(self.attr_timeout), "--threads", self.threads,
+            "--page-cache", str(self.page_cache_pages * PAGE_SIZE), "--abi", self.abi, "--v0-fold", self.fold,
+            "--fuse", self.binding, "--attr-timeout", repr(self.attr_timeout), "--threads", self.threads,
         ]
-        args += ["--compress"] * self.compress + ["--ro"] * self.read_only
-        args += ["--server", self.server] if self.server is not None else []
+        if self.server is None:  # the embedded host's options; refused together with --server
+            args += ["--tmem", str(self.tmem_pages * PAGE_SIZE), "--host-spec", self.host_spec]
+            args += ["--compress"] * self.compress
+        else:
+            args += ["--server", self.server]
+        args += ["--ro"] * self.read_only
+        args += ["--client-id", str(self.client_id)] if self.client_id is not None else []
         args += ["-o", ",".join(self.fuse_options)] if self.fuse_options else []
         return args
 
@@ -150,6 +193,7 @@ class MountConfig:
             compress=self.compress,
             host_spec=self.host_spec,
             server=self.server,
+            client_id=self.client_id,
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -115,17 +116,21 @@ def fuse_kwargs(config: MountConfig) -> dict[str, Any]:
 def mount(config: MountConfig) -> int:
     """Serve ``config.source`` at ``config.mountpoint`` until unmounted or signalled; returns 0."""
     from guestfs.filekey import key_for_fd, key_for_path
-    from guestfs.stack import build_stack
+    from guestfs.stack import ServerUnreachable, build_stack
 
     binding = load_binding(config.binding)
-    stack = build_stack(config.stack_config())  # fallible setup happens before FUSE() (see fuse-notes §1.5)
+    try:
+        stack = build_stack(config.stack_config())  # fallible setup happens before FUSE() (see fuse-notes §1.5)
+    except ServerUnreachable as exc:
+        raise MountError(str(exc)) from exc
     mount_info = {"binding": config.binding, "libfuse": libfuse_major(binding), "source": config.source,
                   "pid": os.getpid(), "threads": config.threads, "attr_timeout": config.attr_timeout}
     ops_class = _FusepyOps if config.binding == "fusepy" else Ops
     ops = ops_class(config.source, stack.pageio, key_for_fd=key_for_fd, key_for_path=key_for_path,
                     stats=lambda: {**stack.stats(), "mount": mount_info})
-    _log.info("mounting %s on %s (%s, libfuse%d, cache mode after init: %s)", config.source, config.mountpoint,
-              config.binding, libfuse_major(binding), stack.cleancache.mode)
+    _log.info("mounting %s on %s (%s, libfuse%d, tmem client %d, cache mode after init: %s%s)", config.source,
+              config.mountpoint, config.binding, libfuse_major(binding), stack.client_id, stack.cleancache.mode,
+              f": {stack.cleancache.disabled_reason}" if stack.cleancache.disabled_reason else "")
     try:
         _fuse_class(binding)(ops, config.mountpoint, **fuse_kwargs(config))
     except RuntimeError as exc:
@@ -175,8 +180,11 @@ def start_mount(source: str, mountpoint: str, args: list[str], timeout: float = 
                 log_path: str | None = None) -> MountHandle:
     """Run ``python -m guestfs mount -f SOURCE MOUNTPOINT *args`` detached; return once live.
 
-    Raises MountError (with the daemon's last log line) if it exits or is not live within ``timeout``.
+    Raises MountError (with the daemon's last log line) if it exits or is not live within ``timeout``,
+    and ValueError for a ``timeout`` that is not a finite number > 0 (NaN would never expire).
     """
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     log_path = log_path or default_log_path(mountpoint)
     command = [sys.executable, "-m", "guestfs", "mount", "-f", source, mountpoint, *args]
     with open(log_path, "ab") as log:

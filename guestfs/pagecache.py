@@ -10,6 +10,11 @@ Lookups go first-chance -> tmem -> caller's loader. A tmem hit moves the page ba
 private ephemeral get removed it from the host), so a page is never both here and possibly in
 tmem; ``insert`` keeps that true by flushing a tmem copy if a racing reader put one there.
 
+``PageIO`` works a request at a time: ``lookup_run`` serves a run of pages in one pass (one
+``CleanCache.get_pages`` for the pages not here) and ``insert_many`` caches a run; when a run is
+longer than the cache, the pages it would push straight out again go to tmem directly, with the
+same flushes and puts in the same order as inserting them one by one.
+
 Using it without a file (the lab replays traces this way)::
 
     cache = PageCache(pages, cleancache)
@@ -21,7 +26,7 @@ Not thread-safe: ``PageIO`` serialises calls with its lock.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 import cachetools
@@ -55,8 +60,8 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         self.hits = 0
         self.misses = 0
         self.evictions = 0
-        # Read-only views of cachetools' own storage, for the run lookup's hit path (one C-level dict
-        # get and one move_to_end per page instead of four Python frames). Inserts and deletes still
+        # Views of cachetools' own storage for the lookup hit paths, only read or reordered (one C-level
+        # dict get and one move_to_end per page instead of four Python frames). Inserts and deletes still
         # go through cachetools' public methods, so its size accounting and the popitem hook stay its.
         self._pages, self._order = _lru_internals(self)
 
@@ -81,9 +86,11 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         file_id = self._ids.get(key)
         if file_id is not None:
             page_key = file_id << _INDEX_BITS | index
-            if page_key in self:
+            data = self._pages.get(page_key)
+            if data is not None:
+                self._order.move_to_end(page_key)  # what LRUCache.__getitem__ does
                 self.hits += 1
-                return self[page_key], "page-cache"
+                return data, "page-cache"
         self.misses += 1
         data = self.cleancache.get_page(key, index)
         if data is None:
@@ -101,12 +108,32 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         A first-chance page that ends before ``file_size`` needs (a short last page from before the
         file grew) is dropped and counted as a miss (tmem pages are full, zero-padded pages).
         """
-        pages: list[bytes | None] = []
-        append = pages.append
         cached = self._pages.get
         touch = self._order.move_to_end
         file_id = self._ids.get(key)
         base = -1 if file_id is None else file_id << _INDEX_BITS
+        if stop - first == 1:  # a random read: no lists of misses to build
+            data = cached(base | first) if base >= 0 else None
+            if data is not None:
+                if len(data) == PAGE_SIZE or (first << PAGE_SHIFT) + len(data) >= file_size:
+                    touch(base | first)
+                    self.hits += 1
+                    return [data]
+                self.discard(key, first)
+            self.misses += 1
+            data = self.cleancache.get_page(key, first)
+            if data is not None:
+                self._store(key, first, data)  # just got from tmem: no tmem copy left to flush
+            return [data]
+        if base >= 0:  # all full first-chance pages (sequential re-reads): C-level loops only
+            page_keys = range(base | first, base | stop)
+            pages: list[bytes | None] = list(map(cached, page_keys))
+            if None not in pages and min(map(len, pages)) == PAGE_SIZE:  # type: ignore[arg-type]
+                deque(map(touch, page_keys), maxlen=0)  # move each to the MRU end, in index order
+                self.hits += len(pages)
+                return pages
+        pages = []
+        append = pages.append
         missing: list[int] = []
         for index in range(first, stop):
             data = cached(base | index) if base >= 0 else None
@@ -122,11 +149,6 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         if missing:
             self.misses += len(missing)
             got = self.cleancache.get_pages(key, missing)
-            if len(missing) == 1:  # the common random read
-                if got[0] is not None:
-                    pages[missing[0] - first] = got[0]
-                    self._store(key, missing[0], got[0])  # just got from tmem: no tmem copy left to flush
-                return pages
             loaded = [(index, data) for index, data in zip(missing, got) if data is not None]
             if loaded:
                 for index, data in loaded:
@@ -166,25 +188,42 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         if max((len(data) for _, data in pages), default=0) > PAGE_SIZE:  # refuse before changing anything
             raise ValueError(f"a page is at most {PAGE_SIZE} bytes")
         maxsize = int(self.maxsize)
-        if len(pages) <= maxsize or any(self.has_page(key, index) for index, _ in pages):
+        indexes = [index for index, _ in pages]
+        file_id = self._ids.get(key)
+        if len(pages) <= maxsize or (file_id is not None and not self._indexes[file_id].isdisjoint(indexes)):
             for index, data in pages:
                 self.insert(key, index, data)
             return
-        cached_now, free = len(self), maxsize - len(self)
+        passing = len(pages) - maxsize  # new pages that later ones push out again
+        if self.cleancache.holds_any(key, indexes):
+            self._insert_many_flushing(key, pages)
+        else:  # the common case: evict all cached now (LRU order), then the passing pages, in order
+            while self._order:
+                self.popitem()
+            self.evictions += passing
+            self.cleancache.put_pages(key, pages[:passing])
+        for index, data in pages[passing:]:  # the cache is empty now: no evictions
+            self._store(key, index, data)
+
+    def _insert_many_flushing(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
+        """``insert_many``'s host traffic when some new pages still have a (racing) tmem copy.
+
+        Replays, insert by insert, the flush each insert sends and the eviction it causes; leaves
+        the last ``maxsize`` pages for the caller to store into the then empty cache.
+        """
+        cached_now, free = len(self), int(self.maxsize) - len(self)
         holds, invalidate, put = self.cleancache.holds, self.cleancache.invalidate_page, self.cleancache.put_page
-        for position, (index, data) in enumerate(pages):  # what insert #position would send
+        for position, (index, _) in enumerate(pages):
             if holds(key, index):
                 invalidate(key, index)
             victim = position - free  # the insert evicts once the cache is full
             if victim < 0:
                 continue
             if victim < cached_now:
-                self.popitem()  # the pages cached before this call go first, in LRU order
+                self.popitem()  # the pages cached before go first, in LRU order
             else:
                 self.evictions += 1
                 put(key, *pages[victim - cached_now])  # a new page pushed out again by later ones
-        for index, data in pages[len(pages) - maxsize :]:  # the cache is empty now: no evictions
-            self._store(key, index, data)
 
     def discard(self, key: FileKey, index: int) -> None:
         """Drop one page without offering it to tmem."""

@@ -1,9 +1,12 @@
 """PageIO: byte ranges <-> 4 KiB pages; the facade the FUSE handlers call.
 
-A read fstat()s the backing file, revalidates the file's cached pages against (size,
-mtime_ns, ctime_ns), then serves each page from the first-chance cache, else tmem, else one
-``pread`` per run of missing pages, and cuts the result at the current file size (tmem pages
-are zero-padded 4096-byte pages; bytes past EOF are never returned).
+A read fstat()s the backing file (once per request), revalidates the file's cached pages
+against (size, mtime_ns, ctime_ns), then serves its pages from the first-chance cache, else
+tmem, else one ``pread`` per run of missing pages, and cuts the result at the current file size
+(tmem pages are zero-padded 4096-byte pages; bytes past EOF are never returned). The work is
+done a request at a time, not a page at a time: one lock hold and one pass over the request's
+pages (``PageCache.lookup_run``, ``CleanCache.get_pages``), one ``insert_many`` for what was
+loaded, and one ``join`` into the reply.
 
 Read-ahead: when a read starts where the file's previous read ended and its last page misses,
 up to ``readahead_pages`` following pages (not cached anywhere, before EOF) are read in the same
@@ -321,11 +324,10 @@ def _assemble(pages: list[bytes | None], first: int, offset: int, end: int) -> b
     if len(pages) == 1:
         page = pages[0] or b""
         return page[lo:hi]
-    if None not in pages and min(map(len, pages[:-1])) == PAGE_SIZE:  # the common case: one join
-        parts: list[bytes] = pages  # type: ignore[assignment]
-        parts[0] = parts[0][lo:]
-        parts[-1] = parts[-1][:hi]
-        return b"".join(parts)
+    if None not in pages:  # the common case: one join, right when no page was short
+        whole = b"".join([pages[0][lo:], *pages[1:-1], pages[-1][:hi]])  # type: ignore[index,list-item]
+        if len(whole) == end - offset:
+            return whole
     parts = []
     for slot, page in enumerate(pages):
         page = page or b""

@@ -9,6 +9,14 @@ Used by the mount, the lab and the demo::
 ``host_spec`` picks the embedded host's ABI: ``v1`` (a Xen 4.0.2+/4.1 host), ``v0`` (a Xen
 4.0.0/4.0.1 host), ``both`` (accepts v0 and v1 per client), ``auto`` (a v1 host that also
 accepts v0 when ``abi == "v0"``, so ``--abi v0`` works out of the box).
+
+With ``server`` the stack connects to the tmemd before anything else and raises
+``ServerUnreachable`` (one line, naming the address) if it cannot: an unreachable host is a
+configuration error, unlike a reachable host that refuses the ABI (``abi="auto"`` then runs as
+passthrough, as a guest on a host without tmem does). ``client_id=None`` lets the tmemd assign
+the lowest free client id (``tmemcore.wire.CLIENT_ANY``); the embedded host uses client 1.
+The connection is the guest's lifetime on the server: when it closes (even by ``kill -9``), the
+server destroys the pools it created.
 """
 
 from __future__ import annotations
@@ -20,9 +28,15 @@ from tmemcore.abi import SPEC_V0, SPEC_V1
 
 from .cleancache import ABIS, FOLDS, CleanCache
 from .pageio import PageIO
-from .transport import InProcessTransport, SocketTransport, Transport
+from .transport import InProcessTransport, Transport
 
 HOST_SPECS = ("v0", "v1", "both", "auto")
+EMBEDDED_CLIENT_ID = 1
+SERVER_TIMEOUT = 2.0  # seconds per request to a tmemd (connect included)
+
+
+class ServerUnreachable(ConnectionError):
+    """The tmemd named by ``server`` cannot be reached; the message is one line naming its address."""
 
 
 @dataclass
@@ -31,10 +45,10 @@ class StackConfig:
     tmem_pages: int = 16384  # embedded host budget (pages)
     abi: str = "v1"  # v1 | v0 | auto
     fold: str = "xxh64"  # xxh64 | ino
-    compress: bool = False  # the embedded host compresses this client's pages (ignored with a server)
-    host_spec: str = "auto"  # v0 | v1 | both | auto
+    compress: bool = False  # the embedded host compresses this client's pages (refused with a server)
+    host_spec: str = "auto"  # v0 | v1 | both | auto (the embedded host; only "auto" with a server)
     server: str | None = None  # tmemd address ("tcp:127.0.0.1:PORT" | "unix:PATH"); None = embedded
-    client_id: int = 1
+    client_id: int | None = None  # None: 1 on the embedded host, assigned by the tmemd with a server
     readahead_pages: int = 32  # sequential read-ahead (capped at page_cache_pages // 8)
 
     def validate(self) -> None:
@@ -51,8 +65,11 @@ class StackConfig:
             raise ValueError(f"host_spec must be one of {', '.join(HOST_SPECS)}, got {self.host_spec!r}")
         if self.readahead_pages < 0:
             raise ValueError(f"readahead_pages must be >= 0, got {self.readahead_pages}")
-        if not 0 < self.client_id < 0xFFFF:
+        if self.client_id is not None and not 0 < self.client_id < 0xFFFF:
             raise ValueError(f"client_id must be in 1..65534, got {self.client_id}")
+        if self.server is not None and (self.compress or self.host_spec != "auto"):
+            # both configure the embedded host; a guest cannot set them on a tmemd (SET_COMPRESS is dom0's)
+            raise ValueError("compress and host_spec configure the embedded host; they cannot be used with server")
 
 
 class Stack:
@@ -65,10 +82,18 @@ class Stack:
         self.transport = transport
         self.tmem = tmem
 
+    @property
+    def client_id(self) -> int:
+        """The tmem client id this guest speaks as (assigned by the tmemd when asked for any)."""
+        if isinstance(self.transport, ServerTransport):
+            return self.transport.client_id
+        return self.config.client_id or EMBEDDED_CLIENT_ID
+
     def stats(self) -> dict[str, object]:
         """PageIO + cleancache counters, plus the embedded host's own stats under "host"."""
         out: dict[str, object] = dict(self.pageio.stats())
         out["server"] = self.config.server or ""
+        out["client_id"] = self.client_id
         if self.tmem is not None:
             out["host"] = self.tmem.stats()
         return out
@@ -94,16 +119,50 @@ def embedded_host(config: StackConfig) -> tmemcore.Tmem:
     return tmemcore.Tmem(config.tmem_pages, spec_version=version, compress=config.compress)
 
 
+class ServerTransport:
+    """A tmemd reached through ``tmemcore.wire.RemoteTmem``, connected when built.
+
+    Like ``guestfs.transport.SocketTransport``, but it connects at once (so an unreachable
+    server is an error before the mount, not a passthrough after it) and knows the client id
+    the server assigned. Transport failures propagate as ``OSError`` from ``call``.
+    """
+
+    def __init__(self, address: str, client_id: int | None, timeout: float = SERVER_TIMEOUT) -> None:
+        from tmemcore.wire import CLIENT_ANY, RemoteTmem, unreachable
+
+        self.address = address
+        self.remote = RemoteTmem(address, CLIENT_ANY if client_id is None else client_id, timeout)
+        try:
+            self.remote.connect()
+        except OSError as exc:
+            raise ServerUnreachable(unreachable(address, exc)) from exc
+        self.call = self.remote.do_tmem_op  # the hot path: no frame of ours per hypercall
+
+    @property
+    def client_id(self) -> int:
+        return self.remote.client_id
+
+    def close(self) -> None:
+        self.remote.close()
+
+
+def probe_server(address: str, client_id: int | None = None, timeout: float = SERVER_TIMEOUT) -> None:
+    """Connect to the tmemd at ``address`` and hang up; ServerUnreachable (one line) if that fails."""
+    ServerTransport(address, client_id, timeout).close()
+
+
 def build_stack(config: StackConfig) -> Stack:
-    """Host, transport, CleanCache (pool created now) and PageIO, per ``config``."""
+    """Host, transport, CleanCache (pool created now) and PageIO, per ``config``.
+
+    Raises ValueError for a bad config and ServerUnreachable when ``config.server`` cannot be reached."""
     config.validate()
     tmem: tmemcore.Tmem | None = None
     transport: Transport
     if config.server is None:
         tmem = embedded_host(config)
-        transport = InProcessTransport(tmem, config.client_id)
+        transport = InProcessTransport(tmem, config.client_id or EMBEDDED_CLIENT_ID)
     else:
-        transport = SocketTransport(config.server, config.client_id)
+        transport = ServerTransport(config.server, config.client_id)
     cleancache = CleanCache(transport, abi=config.abi, fold=config.fold, max_tracked_pages=max(4 * config.tmem_pages, 1024))
     cleancache.init_fs()
     pageio = PageIO(config.page_cache_pages, cleancache, readahead_pages=config.readahead_pages)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 from . import abi, savestream
 from .errors import StreamError
@@ -31,40 +32,64 @@ LIST_BUFFER = 1 << 20
 
 
 class UsageError(Exception):
-    """Bad command-line input that argparse could not catch (exit 2)."""
+    """Bad command-line input (exit 2, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds > 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
 
 
 # ====================================================================== parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tmemctl",
         description="Inspect/convert tmem save streams and control a running tmemd.",
     )
-    parser.add_argument("--server", metavar="ADDR", help="tmemd address: unix:PATH or tcp:HOST:PORT")
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds per server request (default 2)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--server", metavar="ADDR",
+                        help="tmemd address: unix:PATH or tcp:HOST:PORT (default: none; list, freeze, thaw "
+                             "and save need it)")
+    parser.add_argument("--timeout", type=positive_seconds, default=2.0,
+                        help="seconds per server request (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     stream = commands.add_parser("stream", help="work on save-stream files (no server needed)")
-    stream_commands = stream.add_subparsers(dest="stream_command", required=True, metavar="ACTION")
+    stream_commands = stream.add_subparsers(dest="stream_command", required=True, metavar="ACTION",
+                                            parser_class=_Parser)
     inspect = stream_commands.add_parser("inspect", help="show what a stream holds")
     inspect.add_argument("file", type=Path, help="stream file (starts with the -5 marker)")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
     conv = stream_commands.add_parser("convert", help="rewrite a stream as v0 or v1")
     conv.add_argument("--to", required=True, choices=("v0", "v1"), help="target spec version")
     conv.add_argument("input", type=Path, metavar="IN")
     conv.add_argument("output", type=Path, metavar="OUT")
 
     listing = commands.add_parser("list", help="TMEMC_LIST of all clients (needs --server)")
-    listing.add_argument("--long", action="store_true", help="long format (second key group)")
+    listing.add_argument("--long", action="store_true",
+                         help="long format: also the second key group of each line (default: short)")
     for name, text in (("freeze", "freeze a client (new puts fail)"), ("thaw", "thaw a frozen client")):
         sub = commands.add_parser(name, help=f"{text} (needs --server)")
         sub.add_argument("client", type=int, help="client (domain) id")
     save = commands.add_parser("save", help="save a client's tmem to a stream file (needs --server)")
     save.add_argument("client", type=int, help="client (domain) id")
     save.add_argument("file", type=Path, help="output stream file")
-    save.add_argument("--live", action="store_true", help="live save: also write the extra section")
+    save.add_argument("--live", action="store_true",
+                      help="live save: also write the extra section (default: off, a non-live save)")
     return parser
 
 
@@ -237,11 +262,15 @@ SERVER_COMMANDS = MappingProxyType(
 def run_server_command(args: argparse.Namespace) -> int:
     if not args.server:
         raise UsageError(f"'{args.command}' needs --server ADDR")
-    from .wire import parse_address
+    from .wire import parse_address, unreachable
 
     parse_address(args.server)  # ValueError → usage error
     dom0 = _Dom0(args.server, args.timeout)
     try:
+        try:
+            dom0.remote.connect()
+        except OSError as exc:
+            return fail(unreachable(args.server, exc), EXIT_DATA)
         dom0.detect_version()
         return SERVER_COMMANDS[args.command](args, dom0)
     finally:
@@ -266,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its one-line usage error (or --help)
+    except SystemExit as exc:  # --help (argparse printed it)
         return int(exc.code or 0)
+    except UsageError as exc:
+        return fail(str(exc), EXIT_USAGE)
     try:
         return run(args)
     except (UsageError, ValueError) as exc:

@@ -167,6 +167,7 @@ class Control:
         for client in self._clients(cli_id):
             eviction.weight_total += weight - client.weight
             client.weight = weight
+        eviction.weights_changed()
 
     def set_cap(self, cli_id: int | None, cap: int) -> None:
         _u32(cap, "cap")

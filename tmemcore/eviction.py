@@ -8,8 +8,14 @@ reprieve move a page to the tail of both lists.
 The lists are ``deque``s of descriptors with *lazy deletion*: removing a page only marks
 its descriptor dead (``node.clear()``: an empty list is false); dead entries are skipped when they reach the
 head and squeezed out when they outnumber live ones. Moving a page to the tail means
-killing its descriptor and appending a fresh one. This keeps a put at two deque appends
-(no hashing) and costs 16 bytes per page instead of two OrderedDict entries.
+killing its descriptor and appending a fresh one. This keeps a put at deque appends (no
+hashing) and costs 8 bytes per page and list instead of OrderedDict entries.
+
+The per-client lists matter only to the weight rule, so they are kept only while some
+client has a non-zero weight (``by_client``): a client's list is exactly the global list
+filtered by owner, so it is rebuilt from the global order when the first weight is set and
+dropped when the last weight goes back to 0. With the default weights (all 0) a put thus
+appends to one list, not two.
 
 ``choose_victim`` is the single place that decides what is evicted.
 
@@ -49,6 +55,7 @@ class EphemeralLists:
         self.global_eph_count = 0
         self.global_eph_count_max = 0
         self.weight_total = 0
+        self.by_client = False  # per-client lists maintained (iff weight_total != 0)
         self.evicted_pgs = 0
         self.evict_attempts = 0
         self.relinq_pgs = 0
@@ -59,17 +66,20 @@ class EphemeralLists:
     # --- list maintenance (the pool calls these on put / remove) ----------------------------
 
     def append(self, node: Node, owner: "Client") -> None:
-        """Put a live ephemeral descriptor at the tail of both lists."""
+        """Put a live ephemeral descriptor at the tail of the list(s)."""
         gl = self.global_list
         gl.append(node)
-        owner.eph_pages.append(node)
         self.global_eph_count += 1
         owner.eph_count += 1
         if owner.eph_count > owner.eph_count_max:
             owner.eph_count_max = owner.eph_count
         if self.global_eph_count > self.global_eph_count_max:
             self.global_eph_count_max = self.global_eph_count
-        if len(gl) > self.compact_at or len(owner.eph_pages) > owner.compact_at:
+        if self.by_client:
+            owner.eph_pages.append(node)
+            if len(owner.eph_pages) > owner.compact_at:
+                self.compact(owner)
+        if len(gl) > self.compact_at:
             self.compact(owner)
 
     def compact(self, owner: "Client") -> None:
@@ -87,6 +97,19 @@ class EphemeralLists:
         """One of ``owner``'s ephemeral descriptors died (the caller marked it)."""
         self.global_eph_count -= 1
         owner.eph_count -= 1
+
+    def weights_changed(self) -> None:
+        """Start or stop keeping per-client lists after ``weight_total`` changed."""
+        wanted = self.weight_total != 0
+        if wanted == self.by_client:
+            return
+        self.by_client = wanted
+        if wanted:
+            self.rebuild_client_lists(list(self.clients.values()))
+        else:
+            for client in self.clients.values():
+                client.eph_pages = deque()
+                client.compact_at = SLACK
 
     # --- the eviction hook ------------------------------------------------------------------
 
@@ -112,7 +135,10 @@ class EphemeralLists:
         return worst
 
     def choose_victim(self, caller: "Client | None") -> Node | None:
-        """THE eviction decision: the live descriptor to evict, or None if there is none."""
+        """THE eviction decision: the live descriptor to evict, or None if there is none.
+
+        The victim is taken off the list it was found on (the caller evicts it at once, which
+        marks it dead for the other list)."""
         self.evict_attempts += 1
         if not self.global_eph_count:
             return None
@@ -120,15 +146,12 @@ class EphemeralLists:
         own = owner is not None
         queue = owner.eph_pages if own else self.global_list  # type: ignore[union-attr]
         while queue:
-            node = queue[0]
+            node = queue.popleft()
             if not node:  # dead descriptor
-                queue.popleft()
                 continue
-            pool = node[POOL]
             stored = node[DATA]
             if type(stored) is Pcd and stored.refs > 1 and len(node) <= REPRIEVED:
-                queue.popleft()
-                pool.refresh(node, reprieve=True)
+                node[POOL].refresh(node, reprieve=True)
                 # refresh appends, which may have compacted (replaced) the list
                 queue = owner.eph_pages if own else self.global_list  # type: ignore[union-attr]
                 continue
@@ -138,10 +161,11 @@ class EphemeralLists:
     def rebuild_client_lists(self, clients: "list[Client]") -> None:
         """Rebuild the given clients' lists from the global order (after a shared pool
         changed owner: its pages move to the new owner's list, in their global order)."""
+        if not self.by_client:
+            return
         for client in clients:
-            client.eph_pages = deque(
-                n for n in self.global_list if n and n[POOL].client is client
-            )
+            client.eph_pages = deque(n for n in self.global_list if n and n[POOL].client is client)
+            client.compact_at = compact_limit(len(client.eph_pages))
 
     def check(self, clients: "list[Client]", live_nodes: dict[int, Node]) -> None:
         """``live_nodes``: id -> descriptor of every ephemeral page held by a pool."""
@@ -150,8 +174,12 @@ class EphemeralLists:
         assert {id(n) for n in on_global} == set(live_nodes), "global list and stored ephemeral pages differ"
         assert len({id(n) for n in on_global}) == len(on_global), "a page is on the global list twice"
         assert sum(c.eph_count for c in clients) == self.global_eph_count, "sum of client counts != global count"
+        assert self.by_client == (self.weight_total != 0), "per-client lists kept iff some weight is set"
         for client in clients:
             mine = [n for n in client.eph_pages if n]
+            if not self.by_client:
+                assert not client.eph_pages, f"client {client.cli_id}: a list kept while no weight is set"
+                continue
             assert len(mine) == client.eph_count, f"client {client.cli_id}: eph_count != live pages on its list"
             assert len({id(n) for n in mine}) == len(mine), f"client {client.cli_id}: a page is on its list twice"
             for n in mine:

@@ -78,10 +78,11 @@ DoTmemOp = Callable[..., int]
 
 def fast_entry(hypercall: "Hypercall") -> DoTmemOp:
     """``Tmem.do_tmem_op``: a full-page PUT or GET (a bytes record of the client's length, a
-    4096-byte bytearray frame, an existing pool) is answered here; anything else, and every
-    case this path does not recognize, goes to ``Hypercall._run_general`` (full validation,
-    same counters). What it needs per call is bound once as closure cells, the cheapest
-    lookups CPython has: the guest's FUSE read path makes two of these calls per tmem hit.
+    4096-byte bytearray frame, an existing pool, an enabled host) is answered here; anything
+    else, and every case this path does not recognize, goes to ``Hypercall._run_general``
+    (full validation, same counters). What it needs per call is bound once as closure
+    cells, the cheapest lookups CPython has: the guest's FUSE read path makes two of these
+    calls per tmem hit.
     """
     host = hypercall.host
     acquire, release = host.lock.acquire, host.lock.release
@@ -95,7 +96,7 @@ def fast_entry(hypercall: "Hypercall") -> DoTmemOp:
             client = clients_get(client_id) if type(client_id) is int else None
             if (
                 client is None or type(op) is not bytes or type(page) is not bytearray
-                or len(op) != client.record_size or len(page) != PAGE_SIZE
+                or len(op) != client.record_size or len(page) != PAGE_SIZE or not host.enabled
             ):
                 return general(client_id, op, page)
             if len(op) == V1_SIZE:

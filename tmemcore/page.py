@@ -15,7 +15,9 @@ reprieve, marks that the page already had its one reprieve.
 ``stored`` is one of:
   * ``bytes`` of exactly PAGE_SIZE   - a raw page (the fast, common case);
   * ``CompressedPage`` (bytes)       - lz4 data, when the owner client compresses;
-  * ``Pcd``                          - a shared, deduplicated content (dedup.py).
+  * ``Pcd``                          - a shared, deduplicated content (dedup.py);
+  * ``RemotePage``                   - a raw ephemeral page whose bytes live in memcached
+                                       (store/memcached.py): decoding it may find it gone.
 
 ``PageCodec`` turns page data into a stored form and back and knows what each costs
 against the host budget (bytes of stored page data).
@@ -26,11 +28,12 @@ from __future__ import annotations
 from .abi import PAGE_SIZE
 from .compress import CompressedPage, compress_page, decompress_page
 from .dedup import COMPRESSED, RAW, TRIMMED, DedupTable, Pcd, tze_trim
+from .store.memcached import MemcachedPages, RemotePage
 
 DATA, POOL, OID, INDEX = 0, 1, 2, 3
 REPRIEVED = 4  # present (True) only on a descriptor that used its dedup reprieve
 
-Stored = bytes | Pcd
+Stored = bytes | Pcd | RemotePage
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -38,9 +41,10 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 class PageCodec:
     """Encodes pages for storage (compression, dedup, TZE) and accounts their size."""
 
-    def __init__(self, *, dedup: bool, tze: bool) -> None:
+    def __init__(self, *, dedup: bool, tze: bool, remote: MemcachedPages | None = None) -> None:
         self.dedup: DedupTable | None = DedupTable(tze) if dedup else None
         self.tze = tze and dedup
+        self.remote = remote  # where raw ephemeral page bytes go, if not in RAM
 
     def encode(self, data: bytes, ephemeral: bool, compress: bool, owner_stats: "CompressStats") -> tuple[Stored, int]:
         """The stored form of a full page and the bytes it newly costs."""
@@ -62,11 +66,16 @@ class PageCodec:
             return dedup.associate(data, RAW)
         if packed is not None:
             return packed, len(packed)
+        if ephemeral and self.remote is not None:
+            return self.remote.keep(data), PAGE_SIZE
         return data, PAGE_SIZE
 
     def release(self, stored: Stored, owner_stats: "CompressStats") -> int:
         """Forget one reference to ``stored``; the bytes that frees."""
         if type(stored) is bytes:
+            return PAGE_SIZE
+        if type(stored) is RemotePage:
+            self.remote.forget(stored)  # type: ignore[union-attr]
             return PAGE_SIZE
         if type(stored) is CompressedPage:
             owner_stats.compressed_pages -= 1
@@ -78,11 +87,12 @@ class PageCodec:
             owner_stats.compressed_sum_size -= stored.size
         return self.dedup.disassociate(stored)
 
-    @staticmethod
-    def decode(stored: Stored) -> bytes:
-        """The full page held by a stored form."""
+    def decode(self, stored: Stored) -> bytes | None:
+        """The full page held by a stored form; None only for a remote page that is gone."""
         if type(stored) is bytes:
             return stored
+        if type(stored) is RemotePage:
+            return self.remote.fetch(stored)  # type: ignore[union-attr]
         if type(stored) is CompressedPage:
             return decompress_page(stored)
         assert type(stored) is Pcd

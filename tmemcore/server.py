@@ -1,34 +1,46 @@
 """tmemd: a tmem host serving remote guests over the wire protocol (tmemcore/wire.py).
 
     tmemd --listen tcp:127.0.0.1:0|unix:PATH --memory 64M [--accept-v0] [--spec v0|v1]
-          [--dedup] [--tze] [--compress-default] [--ready-file PATH]
+          [--dedup [--tze]] [--compress-default] [--ready-file PATH]
 
 One thread accepts, one thread per connection answers requests in order (the host has its
 own lock). Once listening, tmemd prints ``tmemd listening on ADDRESS`` on stdout and, with
 ``--ready-file``, writes ADDRESS there (atomically), so callers wait on it, not on a sleep.
 SIGTERM/SIGINT stop it cleanly: no new connections, open ones are shut down, a unix socket
 file is removed. A malformed frame closes that one connection with a log line on stderr.
+
+A connection is a guest: a hello for ``wire.CLIENT_ANY`` gets the lowest client id >= 1 no
+open connection speaks for, and when the connection ends -- however it ends -- the pools it
+created with NEW_POOL are destroyed (DESTROY_POOL as that client), as Xen destroys a dying
+domain's pools. So a guest killed with SIGKILL leaks nothing.
+
+Exit status: 0 after SIGTERM/SIGINT, 1 cannot listen (the message names the address), 2 bad
+usage (one line: unknown or contradictory options, bad address or size).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from . import abi, wire
 from .errors import TmemError
 
 LOG = logging.getLogger("tmemd")
-_SIZE_SUFFIXES = MappingProxyType({"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30})
+_SIZE_SUFFIXES = MappingProxyType({"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40})
+MAX_MEMORY = 1 << 40  # 1 TiB: far beyond any test or demo, small enough that a typo is caught
+_CMD_POOL = struct.Struct("<Ii")  # cmd, pool_id: the same offsets in v0 and v1 records
 
 
 class Host(Protocol):
@@ -46,6 +58,7 @@ class TmemServer:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self._client_ids: dict[socket.socket, int] = {}  # the client each connection speaks for
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -83,6 +96,16 @@ class TmemServer:
         with self._lock:
             assert len(self._connections) <= self.max_connections
             assert all(thread.is_alive() or sock.fileno() == -1 for sock, thread in self._connections.items())
+            assert set(self._client_ids) <= set(self._connections)
+            assert all(0 <= cid <= wire.MAX_CLIENT_ID for cid in self._client_ids.values())
+
+    def client_ids(self) -> dict[int, int]:
+        """How many open connections speak for each client id."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for cid in self._client_ids.values():
+                counts[cid] = counts.get(cid, 0) + 1
+            return counts
 
     # ------------------------------------------------------------------ sockets
 
@@ -124,14 +147,21 @@ class TmemServer:
             thread.start()  # under the lock, so check() never sees a registered thread not yet started
 
     def _serve_connection(self, conn: socket.socket) -> None:
+        guest: Guest | None = None
         try:
             with conn:
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                client_id = wire.decode_hello(wire.recv_frame(conn) or b"")
-                wire.send_frame(conn, wire.encode_welcome(0))
-                LOG.info("client %d connected", client_id)
-                self._answer_requests(conn, client_id)
+                requested = wire.decode_hello(wire.recv_frame(conn) or b"")
+                client_id = self._claim_client_id(conn, requested)
+                if client_id is None:
+                    LOG.warning("refusing a connection: no free client id")
+                    wire.send_frame(conn, wire.encode_welcome(-errno.ENOSPC, 0))
+                    return
+                guest = Guest(self.host, client_id)
+                wire.send_frame(conn, wire.encode_welcome(0, client_id if requested == wire.CLIENT_ANY else None))
+                LOG.info("client %d connected%s", client_id, " (assigned)" if requested == wire.CLIENT_ANY else "")
+                self._answer_requests(conn, guest)
         except wire.ProtocolError as exc:
             LOG.warning("dropping a connection: malformed frame: %s", exc)
         except OSError as exc:
@@ -140,24 +170,85 @@ class TmemServer:
         except Exception:  # a host bug must cost this connection, not the daemon
             LOG.exception("dropping a connection: the host raised")
         finally:
+            if guest is not None:
+                self._end_guest(guest)
             with self._lock:
                 self._connections.pop(conn, None)
+                self._client_ids.pop(conn, None)
 
-    def _answer_requests(self, conn: socket.socket, client_id: int) -> None:
+    def _claim_client_id(self, conn: socket.socket, requested: int) -> int | None:
+        """The id this connection speaks for: ``requested``, or for CLIENT_ANY the lowest free one."""
+        with self._lock:
+            if requested != wire.CLIENT_ANY:
+                self._client_ids[conn] = requested
+                return requested
+            taken = set(self._client_ids.values())
+            free = next((cid for cid in range(1, wire.MAX_CLIENT_ID + 1) if cid not in taken), None)
+            if free is not None:
+                self._client_ids[conn] = free
+            return free
+
+    def _end_guest(self, guest: Guest) -> None:
+        """The connection is gone: destroy the pools it created (a dead domain's pools die with it)."""
+        try:
+            destroyed = guest.destroy_pools()
+        except Exception:  # the host failing here must not take the daemon down; the log keeps the reason
+            LOG.exception("client %d: destroying its pools failed", guest.client_id)
+            return
+        if destroyed:
+            LOG.info("client %d: destroyed pool(s) %s of the closed connection", guest.client_id, destroyed)
+
+    def _answer_requests(self, conn: socket.socket, guest: Guest) -> None:
         while True:
             payload = wire.recv_frame(conn, allow_eof=True)
             if payload is None:
-                LOG.info("client %d disconnected", client_id)
+                LOG.info("client %d disconnected", guest.client_id)
                 return
-            wire.send_frame(conn, answer(self.host, client_id, payload))
+            wire.send_frame(conn, guest.answer(payload))
+
+
+class Guest:
+    """One connection's client: answers its requests and remembers the pools it created."""
+
+    def __init__(self, host: Host, client_id: int) -> None:
+        self.host = host
+        self.client_id = client_id
+        self.pools: dict[int, int] = {}  # pool id -> record version (spec) it was created with
+
+    def answer(self, payload: bytes) -> bytes:
+        """The response to one request payload (ProtocolError if it is not a request)."""
+        request = wire.decode_request(payload)
+        rc = self.host.do_tmem_op(self.client_id, request.op, request.buffer)
+        self._track(request.op, rc)
+        keep = request.buffer is not None and wire.host_wrote_buffer(request.op, rc)
+        return wire.encode_response(rc, request.buffer if keep else None)
+
+    def _track(self, op: bytes, rc: int) -> None:
+        if len(op) < _CMD_POOL.size:
+            return
+        cmd, pool_id = _CMD_POOL.unpack_from(op)
+        if cmd == abi.TMEM_NEW_POOL and rc >= 0:
+            self.pools[rc] = abi.version_of_record(op)
+        elif cmd == abi.TMEM_DESTROY_POOL:
+            self.pools.pop(pool_id, None)
+
+    def destroy_pools(self) -> list[int]:
+        """DESTROY_POOL every pool this connection created; the ids the host destroyed."""
+        destroyed = []
+        for pool_id, version in sorted(self.pools.items()):
+            record = abi.gen_record(abi.TMEM_DESTROY_POOL, pool_id, 0, 0, version)
+            if self.host.do_tmem_op(self.client_id, record) > 0:
+                destroyed.append(pool_id)
+        self.pools.clear()
+        return destroyed
+
+    def check(self) -> None:
+        assert all(0 <= pool_id < abi.MAX_POOLS_PER_DOMAIN for pool_id in self.pools), self.pools
 
 
 def answer(host: Host, client_id: int, payload: bytes) -> bytes:
-    """The response to one request payload (ProtocolError if it is not a request)."""
-    request = wire.decode_request(payload)
-    rc = host.do_tmem_op(client_id, request.op, request.buffer)
-    keep = request.buffer is not None and wire.host_wrote_buffer(request.op, rc)
-    return wire.encode_response(rc, request.buffer if keep else None)
+    """The response to one request payload of a connection that creates no pools (stateless)."""
+    return Guest(host, client_id).answer(payload)
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
@@ -188,31 +279,64 @@ def _remove_stale_unix_socket(path: str) -> None:
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "64M", "4096", "1G", "512K" (binary units)."""
+    """Bytes from "64M", "4096", "1G", "512K", "1T" (binary units); at most MAX_MEMORY (1 TiB)."""
     value = text.strip().upper().removesuffix("B").removesuffix("I")
     suffix = value[-1:] if value[-1:] in _SIZE_SUFFIXES else ""
     number = value[: len(value) - len(suffix)]
     if not number.isdigit():
         raise ValueError(f"bad size {text!r}: expected e.g. 4096, 512K, 64M, 1G")
-    return int(number) * _SIZE_SUFFIXES[suffix]
+    size = int(number) * _SIZE_SUFFIXES[suffix]
+    if size > MAX_MEMORY:
+        raise ValueError(f"size {text!r} exceeds the 1 TiB limit")
+    return size
+
+
+class UsageError(ValueError):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (no usage dump), still exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tmemd",
         description="Serve a tmem host to remote guests (wire protocol: tmemcore/wire.py). "
-        "No authentication: listen on loopback or a unix socket only.",
+        "No authentication: listen on loopback or a unix socket only. A guest's pools are destroyed "
+        "when its connection closes.",
     )
-    parser.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT (port 0 picks a free one)")
-    parser.add_argument("--memory", default="64M", help="host memory budget, e.g. 64M (default 64M)")
-    parser.add_argument("--accept-v0", action="store_true", help="also accept spec v0 pools (a v1 host)")
-    parser.add_argument("--spec", choices=("v0", "v1"), default="v1", help="host spec version (default v1)")
-    parser.add_argument("--dedup", action="store_true", help="deduplicate ephemeral pages")
-    parser.add_argument("--tze", action="store_true", help="trailing-zero elimination (with --dedup)")
-    parser.add_argument("--compress-default", action="store_true", help="new clients compress their pages")
-    parser.add_argument("--ready-file", type=Path, help="write the bound address here once listening")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--listen", required=True,
+                        help="unix:PATH or tcp:HOST:PORT, port 0 picks a free one (required, no default)")
+    parser.add_argument("--memory", default="64M", help="host memory budget, K/M/G/T or bytes, at most 1T "
+                        "(default: %(default)s)")
+    parser.add_argument("--accept-v0", action="store_true",
+                        help="a v1 host that also accepts spec v0 pools (default: off; not with --spec v0)")
+    parser.add_argument("--spec", choices=("v0", "v1"), default="v1", help="host spec version (default: %(default)s)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="deduplicate ephemeral pages (default: off; not with --compress-default)")
+    parser.add_argument("--tze", action="store_true",
+                        help="trailing-zero elimination of deduplicated pages (default: off; needs --dedup)")
+    parser.add_argument("--compress-default", action="store_true",
+                        help="new clients compress their pages (default: off; not with --dedup)")
+    parser.add_argument("--ready-file", type=Path,
+                        help="write the bound address here once listening (default: none)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="stderr log level (default: %(default)s)")
     return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse combinations the host would silently ignore (UsageError, one line)."""
+    if args.tze and not args.dedup:
+        raise UsageError("--tze needs --dedup (trailing-zero elimination works on deduplicated pages)")
+    if args.dedup and args.compress_default:
+        raise UsageError("--compress-default and --dedup exclude each other (a dedup host refuses compression)")
+    if args.accept_v0 and args.spec == "v0":
+        raise UsageError("--accept-v0 is for a v1 host; a --spec v0 host accepts only v0")
 
 
 def build_host(args: argparse.Namespace) -> Any:
@@ -220,19 +344,10 @@ def build_host(args: argparse.Namespace) -> Any:
 
     pages = parse_size(args.memory) // abi.PAGE_SIZE
     if pages < 1:
-        raise ValueError(f"--memory {args.memory} is less than one page")
-    options: dict[str, Any] = {
-        "memory_pages": pages,
-        "accept_v0": args.accept_v0,
-        "spec_version": abi.SPEC_V0 if args.spec == "v0" else abi.SPEC_V1,
-    }
-    if args.dedup:
-        options["dedup"] = True
-    if args.tze:
-        options["tze"] = True
-    if args.compress_default:
-        options["compress"] = True
-    return Tmem(**options)
+        raise UsageError(f"--memory {args.memory} is less than one page ({abi.PAGE_SIZE} bytes)")
+    return Tmem(memory_pages=pages, accept_v0=args.accept_v0,
+                spec_version=abi.SPEC_V0 if args.spec == "v0" else abi.SPEC_V1,
+                dedup=args.dedup, tze=args.tze, compress=args.compress_default)
 
 
 def write_ready_file(path: Path, address: str) -> None:
@@ -242,14 +357,20 @@ def write_ready_file(path: Path, address: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        check_flags(args)
+        host = build_host(args)
+        server = TmemServer(host, args.listen)
+    except (ValueError, TmemError) as exc:  # bad usage, --listen or --memory
+        print(f"tmemd: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(stream=sys.stderr, level=args.log_level, format="tmemd: %(levelname)s %(message)s")
     try:
-        server = TmemServer(build_host(args), args.listen)
         address = server.start()
-    except (ValueError, TmemError, OSError) as exc:  # bad --listen/--memory, or the address is taken
-        print(f"tmemd: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, (ValueError, TmemError)) else 1
+    except OSError as exc:  # the directory is missing, the address is taken, ...
+        print(f"tmemd: cannot listen on {server.listen_address}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

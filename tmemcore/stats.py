@@ -153,7 +153,7 @@ def shared_stats(tmem: "Tmem") -> list[dict[str, Any]]:
 
 
 def host_stats(tmem: "Tmem") -> dict[str, Any]:
-    return {
+    stats: dict[str, Any] = {
         "global": global_stats(tmem),
         "shared": shared_stats(tmem),
         "clients": [client_stats(c) for c in tmem.clients.values()],
@@ -164,8 +164,12 @@ def host_stats(tmem: "Tmem") -> dict[str, Any]:
             "tze": tmem.tze,
             "compress": tmem.compress_default,
             "shared_auth": tmem.shared_auth,
+            "store": "memory" if tmem.remote_pages is None else tmem.remote_pages.url,
         },
     }
+    if tmem.remote_pages is not None:  # not in LIST: the memcached keeper's own outcome counters
+        stats["store"] = tmem.remote_pages.stats()
+    return stats
 
 
 # --- LIST text -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ receiver closes the connection.
 
     hello     client -> server   b"TMEMWIRE" | u16 protocol (1) | u16 client id
     welcome   server -> client   b"TMEMWIRE" | u16 protocol (1) | s32 status (0 = ok)
+                                 [| u16 assigned client id  -- only after a hello for CLIENT_ANY]
     request   client -> server   u8 buffer mode | u8 record length | u32 buffer length
                                  | record | buffer bytes (mode SEND only)
     response  server -> client   s32 rc | u8 has buffer | u32 buffer length | buffer bytes
@@ -25,6 +26,20 @@ the host wrote to it: for CONTROL always, for GET_PAGE/READ only on a hit (rc ==
 One connection speaks for one client id, named once in the hello; requests on a connection
 are answered in order. There is no authentication: a connection may claim client 0 (dom0,
 control ops), so tmemd is meant for loopback and unix sockets only.
+
+Client id assignment (a compatible extension of protocol 1): a hello naming ``CLIENT_ANY``
+(0xFFFF, Xen's CLI_ID_NULL, never a real domain id) asks the server to pick one; the server
+answers with a 16-byte welcome whose extra u16 is the id it assigned -- the lowest id >= 1 that
+no open connection speaks for. A hello naming a real id gets the classic 14-byte welcome, so
+old clients and old servers keep working with explicit ids (an old server cannot assign ids: a
+client asking for one gets a 14-byte welcome and reports the server as too old). A nonzero
+status refuses the connection (``-ENOSPC``: no free client id).
+
+Connection lifetime = guest lifetime: when a connection closes (cleanly, by a crash or
+``kill -9`` of the guest), the server destroys every pool that connection created with
+NEW_POOL (DESTROY_POOL as that client), as Xen destroys a domain's pools when the domain
+dies. Two connections naming the same explicit id share that client; each destroys only the
+pools it created.
 """
 
 from __future__ import annotations
@@ -38,6 +53,8 @@ from . import abi
 
 MAGIC = b"TMEMWIRE"
 PROTOCOL = 1
+CLIENT_ANY = abi.CLI_ID_NULL  # hello: "assign me a free client id" (0xFFFF is no domain id)
+MAX_CLIENT_ID = CLIENT_ANY - 1
 MAX_RECORD = 64
 MAX_BUFFER = 1 << 20  # big enough for a LIST of many clients; a page is 4 KiB
 MAX_PAYLOAD = 16 + MAX_RECORD + MAX_BUFFER
@@ -50,6 +67,7 @@ BUFFER_MODES = (BUF_NONE, BUF_SEND, BUF_SIZE)
 _LENGTH = struct.Struct("<I")
 _HELLO = struct.Struct("<8sHH")
 _WELCOME = struct.Struct("<8sHi")
+_ASSIGNED = struct.Struct("<H")  # the extension of a welcome that answers a CLIENT_ANY hello
 _REQUEST = struct.Struct("<BBI")
 _RESPONSE = struct.Struct("<iBI")
 _CMD = struct.Struct("<I")
@@ -100,6 +118,11 @@ def address_of(sock: socket.socket) -> str:
     if sock.family == socket.AF_UNIX:
         return str(Address(socket.AF_UNIX, name))
     return str(Address(sock.family, (name[0], name[1])))
+
+
+def unreachable(address: str, exc: OSError) -> str:
+    """The one-line reason a tmemd could not be reached, naming its address."""
+    return f"cannot reach tmemd at {address}: {exc.strerror or exc}"
 
 
 # ===================================================================== framing
@@ -153,17 +176,21 @@ def decode_hello(payload: bytes) -> int:
     return client_id
 
 
-def encode_welcome(status: int = 0) -> bytes:
-    return _WELCOME.pack(MAGIC, PROTOCOL, status)
+def encode_welcome(status: int = 0, assigned: int | None = None) -> bytes:
+    """A welcome; ``assigned`` (the id picked for a CLIENT_ANY hello) makes it 16 bytes."""
+    tail = b"" if assigned is None else _ASSIGNED.pack(assigned)
+    return _WELCOME.pack(MAGIC, PROTOCOL, status) + tail
 
 
-def decode_welcome(payload: bytes) -> int:
-    if len(payload) != _WELCOME.size:
-        raise ProtocolError(f"welcome is {len(payload)} bytes, expected {_WELCOME.size}")
-    magic, protocol, status = _WELCOME.unpack(payload)
+def decode_welcome(payload: bytes) -> tuple[int, int | None]:
+    """(status, assigned client id or None for a classic 14-byte welcome)."""
+    if len(payload) not in (_WELCOME.size, _WELCOME.size + _ASSIGNED.size):
+        raise ProtocolError(f"welcome is {len(payload)} bytes, expected {_WELCOME.size} or {_WELCOME.size + 2}")
+    magic, protocol, status = _WELCOME.unpack_from(payload)
     if magic != MAGIC or protocol != PROTOCOL:
         raise ProtocolError(f"not a tmemd welcome (magic {magic!r}, protocol {protocol})")
-    return status
+    assigned = _ASSIGNED.unpack_from(payload, _WELCOME.size)[0] if len(payload) > _WELCOME.size else None
+    return status, assigned
 
 
 def buffer_mode_for(op: bytes, page: bytearray | memoryview | None) -> int:
@@ -254,15 +281,30 @@ class RemoteTmem:
     Transport failures raise ``ConnectionError`` / ``TimeoutError`` / ``OSError`` (a guest
     turns those into misses); the broken connection is dropped and the next call connects
     again. Thread-safe: calls are serialized on one connection.
+
+    ``client_id`` may be ``CLIENT_ANY``: the server then assigns one per connection, and
+    ``client_id`` holds the assigned id while connected (CLIENT_ANY before the first connect).
+    ``connect()`` connects now (a probe that keeps the connection); otherwise the first
+    ``do_tmem_op`` connects.
     """
 
     def __init__(self, address: str, client_id: int, timeout: float = 2.0) -> None:
         self.address = parse_address(address)
+        self.requested_id = client_id
         self.client_id = client_id
         self.timeout = timeout
         encode_hello(client_id)  # validates the id now rather than on first use
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
+
+    def connect(self) -> int:
+        """Connect (if not connected) and return the client id this connection speaks for.
+
+        Raises OSError (ConnectionRefusedError, FileNotFoundError, TimeoutError, ProtocolError ...)."""
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            return self.client_id
 
     @property
     def connected(self) -> bool:
@@ -291,6 +333,7 @@ class RemoteTmem:
 
     def check(self) -> None:
         assert self._sock is None or self._sock.gettimeout() == self.timeout
+        assert self.requested_id == CLIENT_ANY or self.client_id == self.requested_id
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(self.address.family, socket.SOCK_STREAM)
@@ -299,15 +342,21 @@ class RemoteTmem:
             sock.connect(self.address.sockaddr)
             if self.address.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            send_frame(sock, encode_hello(self.client_id))
-            status = decode_welcome(recv_frame(sock) or b"")
+            send_frame(sock, encode_hello(self.requested_id))
+            status, assigned = decode_welcome(recv_frame(sock) or b"")
             if status != 0:
-                raise ConnectionRefusedError(f"tmemd at {self.address} refused client {self.client_id}: {status}")
+                raise ConnectionRefusedError(f"tmemd at {self.address} refused client {self._requested_name()}: {status}")
+            if self.requested_id == CLIENT_ANY and assigned is None:
+                raise ProtocolError(f"tmemd at {self.address} cannot assign client ids (too old): name one explicitly")
         except OSError:
             sock.close()
             raise
+        self.client_id = self.requested_id if assigned is None else assigned
         self._sock = sock
         return sock
+
+    def _requested_name(self) -> str:
+        return "any" if self.requested_id == CLIENT_ANY else str(self.requested_id)
 
     def _drop(self) -> None:
         if self._sock is not None:

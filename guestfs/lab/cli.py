@@ -19,21 +19,62 @@ _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_pages(text: str) -> int:
-    """ "1000" -> 1000 pages; "64M" -> 16384 pages (bytes rounded up to whole 4 KiB pages)."""
+    """ "1000" -> 1000 pages; "64M" -> 16384 pages (bytes rounded up to whole 4 KiB pages); 0 allowed."""
     stripped = text.strip()
     if stripped.isdigit():
         return int(stripped)
     match = _SIZE.match(stripped)
     if match is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: pages, or bytes with a K/M/G suffix")
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: pages (>= 0), or bytes with a K/M/G suffix")
     return math.ceil(int(match.group(1)) * _UNITS[match.group(2).lower()] / PAGE_BYTES)
 
 
+def parse_positive_pages(text: str) -> int:
+    """Like ``parse_pages``, but the size must be at least one page (a cache of 0 pages is misuse)."""
+    pages = parse_pages(text)
+    if pages < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be at least 1 page")
+    return pages
+
+
 def parse_page_list(text: str) -> list[int] | str:
-    """ "a,b,c" sizes, or "auto"."""
+    """ "a,b,c" sizes (0 allowed: "no tmem"), or "auto"."""
     if text.strip() == "auto":
         return "auto"
-    return [parse_pages(part) for part in text.split(",") if part.strip()]
+    sizes = [parse_pages(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"invalid size list {text!r}: comma-separated sizes, or auto")
+    return sizes
+
+
+def parse_positive_page_list(text: str) -> list[int] | str:
+    """ "a,b,c" sizes of at least one page each, or "auto"."""
+    if text.strip() == "auto":
+        return "auto"
+    sizes = [parse_positive_pages(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"invalid size list {text!r}: comma-separated sizes, or auto")
+    return sizes
+
+
+def _parse_int(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: an integer >= {minimum}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: must be >= {minimum}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts: --limit, --clients, --reads, --files)."""
+    return _parse_int(text, 1, "count")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds: numpy refuses negative ones)."""
+    return _parse_int(text, 0, "value")
 
 
 def parse_weights(text: str) -> list[int]:
@@ -46,19 +87,61 @@ def parse_weights(text: str) -> list[int]:
     return weights
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+def _default_text(default: object) -> str:
+    """How a default value reads in --help: flags are off/on, lists comma-separated."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, (list, tuple)):
+        return ",".join(str(item) for item in default)
+    return str(default)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with exactly one "(default: ...)".
+
+    The text is rendered from the default value; an option whose default is None (meaning
+    "computed at run time") must spell its default out in its help, which is then left alone.
+    Required options get none. Flags whose default is suppressed (``--quiet`` repeated in each
+    subcommand, so it does not override the top-level one) read "off".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default: " in help_text or action.required or not action.option_strings:
+            return help_text
+        default = action.default
+        if default is argparse.SUPPRESS:
+            if not (action.nargs == 0 and action.const is True):  # --help: nothing to show
+                return help_text
+            default = False
+        if default is None:
+            raise AssertionError(f"{action.option_strings[0]}: a None default must be described in its help")
+        shown = _default_text(default).replace("%", "%%")  # help strings are %-formatted by argparse
+        return f"{help_text} (default: {shown})"
 
 
 def _add_trace_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     from .traces import FORMATS
 
-    parser.add_argument("--trace", type=Path, required=required, action="append" if not required else None,
-                        help="trace file (LIRS, ARC .lis, oracleGeneral .bin, CloudPhysics or MSR CSV; .gz/.xz/.zst)")
-    parser.add_argument("--format", choices=FORMATS, default=None, help="trace format (default: detected)")
+    if required:
+        parser.add_argument("--trace", type=Path, required=True,
+                            help="trace file (LIRS, ARC .lis, oracleGeneral .bin, CloudPhysics or MSR CSV; "
+                            ".gz/.xz/.zst)")
+    else:
+        parser.add_argument("--trace", type=Path, action="append", default=None,
+                            help="trace file (repeatable: one client per trace) (default: a seeded synthetic "
+                            "zipf trace of 200,000 requests over 50,000 pages)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="trace format (default: detected from the file name and contents)")
     parser.add_argument("--include-writes", action="store_true",
-                        help="CSV traces: replay writes as reads of the same pages (default: reads only)")
-    parser.add_argument("--limit", type=int, default=None, help="replay only the first N page requests")
+                        help="CSV traces: replay writes as reads of the same pages (default: off, reads only)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="replay only the first N page requests (default: the whole trace)")
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not overwrite a --quiet given before the subcommand
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,69 +155,85 @@ def build_parser() -> argparse.ArgumentParser:
                          "cleancache frontend, in-process transport and tmemcore host (engine 'stack'), or the "
                          "reference OrderedDict model ('model'), or the exact LRU-curve fast path ('fast').")
     _add_trace_options(sim)
-    sim.add_argument("--page-cache", type=parse_pages, default=1000, help="first-chance cache size")
+    sim.add_argument("--page-cache", type=parse_positive_pages, default=1000, help="first-chance cache size (pages)")
     sim.add_argument("--tmem", type=parse_pages, action="append", default=None,
-                     help="tmem host size (repeat for several configurations; default 0)")
+                     help="tmem host size, 0 = none (repeat for several configurations) (default: 0)")
     sim.add_argument("--engine", choices=("stack", "model", "fast"), default="stack", help="what replays the trace")
     sim.add_argument("--opt", action="store_true", help="add the Belady bound at page-cache + tmem pages")
     sim.add_argument("--abi", choices=("v1", "v0", "auto"), default="v1", help="cleancache ABI (stack engine)")
     sim.add_argument("--fold", choices=("xxh64", "ino"), default="xxh64", help="v0 oid fold (stack engine)")
     sim.add_argument("--compress", action="store_true", help="host compresses pages (stack engine)")
     sim.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sim.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    _add_quiet(sim)
 
     mrc = sub.add_parser("mrc", formatter_class=_Formatter, help="exact LRU miss-ratio curve of a trace",
                          description="Print (and with --out write CSV/JSON/PNG) the exact LRU hit/miss-ratio curve.")
     _add_trace_options(mrc)
-    mrc.add_argument("--sizes", type=parse_page_list, default="auto", help="cache sizes a,b,c or auto (log-spaced)")
+    mrc.add_argument("--sizes", type=parse_positive_page_list, default="auto",
+                     help="cache sizes a,b,c (each >= 1 page) or auto (log-spaced)")
     mrc.add_argument("--opt", action="store_true", help="add Belady at the same sizes")
     mrc.add_argument("--out", type=Path, default=None, help="directory for CSV/JSON/PNG (default: print only)")
     mrc.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    mrc.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    _add_quiet(mrc)
 
     hit = sub.add_parser("hitrate", formatter_class=_Formatter, help="tmem-size sweep, exclusive vs shared, clients",
                          description="Miss-ratio curves over tmem sizes behind a fixed page cache: no-tmem baseline, "
                          "Belady bound, exclusive (private pool) vs non-exclusive (shared pool) second chance; "
                          "with --clients K, K guests share one host budget with --weights.")
     _add_trace_options(hit, required=False)
-    hit.add_argument("--page-cache", type=parse_pages, default=1000, help="first-chance cache size per guest")
-    hit.add_argument("--tmem-sizes", type=parse_page_list, default="auto", help="tmem sizes a,b,c or auto")
-    hit.add_argument("--clients", type=int, default=1, help="guests sharing one tmem host")
-    hit.add_argument("--weights", type=parse_weights, default=None, help="client weights 1,2,... (default all 1)")
+    hit.add_argument("--page-cache", type=parse_positive_pages, default=1000,
+                     help="first-chance cache size per guest (pages)")
+    hit.add_argument("--tmem-sizes", type=parse_page_list, default="auto", help="tmem sizes a,b,c (0 = none) or auto")
+    hit.add_argument("--clients", type=positive_int, default=1, help="guests sharing one tmem host")
+    hit.add_argument("--weights", type=parse_weights, default=None,
+                     help="client weights 1,2,... one per client (default: 1 for every client)")
     hit.add_argument("--engine", choices=("stack", "model"), default="stack",
                      help="exclusive curve replayed through the real stack (checked against the fast path) or model")
     hit.add_argument("--no-opt", action="store_true", help="skip the Belady bound")
-    hit.add_argument("--seed", type=int, default=1, help="seed of the synthetic trace used when no --trace is given")
-    hit.add_argument("--out", type=Path, default=None, help="output directory (default ./results/hitrate)")
-    hit.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    hit.add_argument("--seed", type=non_negative_int, default=1,
+                     help="seed of the synthetic trace used when no --trace is given")
+    hit.add_argument("--out", type=Path, default=None, help="output directory (default: ./results/hitrate)")
+    _add_quiet(hit)
 
     key = sub.add_parser("keying", formatter_class=_Formatter, help="v0-vs-v1 file keying comparison",
                          description="(a) keys of real file trees: handle types/sizes, collisions of v1 and each "
                          "v0 fold, inode reuse; --btrfs adds a btrfs image with two subvolumes; (b) --live runs the "
                          "same reads through real mounts with --abi v1 and v0 (each fold).")
-    key.add_argument("--tree", type=Path, action="append", default=None, help="directory tree (repeatable; default /usr/share)")
+    key.add_argument("--tree", type=Path, action="append", default=None,
+                     help="directory tree (repeatable) (default: /usr/share)")
     key.add_argument("--btrfs", action="store_true", help="also study a btrfs image with subvolumes (needs root, loop)")
     key.add_argument("--live", action="store_true", help="also read through live mounts (v1, v0-xxh64, v0-ino)")
-    key.add_argument("--limit", type=int, default=50_000, help="at most this many files per tree")
-    key.add_argument("--out", type=Path, default=None, help="output directory (default ./results/keying)")
-    key.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    key.add_argument("--limit", type=positive_int, default=50_000, help="at most this many files per tree")
+    key.add_argument("--out", type=Path, default=None, help="output directory (default: ./results/keying)")
+    _add_quiet(key)
 
     live = sub.add_parser("live", formatter_class=_Formatter, help="zipf workload through a real mount, tmem sweep",
-                          description="A seeded zipf read workload (fio when installed, else a built-in reader) "
-                          "through a real guestfs mount for each tmem size, with and without compression.")
-    live.add_argument("--source", type=Path, default=None, help="backing tree (default: a copy of text files from /usr/share)")
-    live.add_argument("--tmem-sizes", type=parse_page_list, default=[0, 1024, 4096], help="tmem sizes a,b,c")
-    live.add_argument("--page-cache", type=parse_pages, default=256, help="first-chance cache size")
+                          description="A seeded zipf read workload (fio when it can run, else a built-in reader) "
+                          "through a real guestfs mount for each tmem size, with and without compression. "
+                          "--source is only read: fio reads a file in a private scratch tree made from it.")
+    live.add_argument("--source", type=Path, default=None,
+                      help="backing tree, never written (default: a scratch copy of text files from /usr/share)")
+    live.add_argument("--tmem-sizes", type=parse_page_list, default=[0, 1024, 4096],
+                      help="tmem sizes a,b,c (0 = a one-page host) or auto")
+    live.add_argument("--page-cache", type=parse_positive_pages, default=256, help="first-chance cache size (pages)")
     live.add_argument("--compress", action="store_true", help="also run every size with host compression")
-    live.add_argument("--reads", type=int, default=4000, help="4 KiB reads per run")
-    live.add_argument("--files", type=int, default=200, help="files in the generated source tree")
+    live.add_argument("--reads", type=positive_int, default=4000, help="4 KiB reads per run")
+    live.add_argument("--files", type=positive_int, default=200, help="files in the generated source tree")
     live.add_argument("--workload", choices=("auto", "fio", "builtin"), default="auto",
-                      help="auto: fio (random_distribution=zipf) when installed, else the built-in zipf reader, "
-                      "which also checks every byte read")
-    live.add_argument("--seed", type=int, default=1, help="workload seed")
-    live.add_argument("--out", type=Path, default=None, help="output directory (default ./results/live)")
-    live.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+                      help="auto/fio: fio (random_distribution=zipf) when it can run, else the built-in zipf "
+                      "reader, which also checks every byte read")
+    live.add_argument("--seed", type=non_negative_int, default=1, help="workload seed")
+    live.add_argument("--out", type=Path, default=None, help="output directory (default: ./results/live)")
+    _add_quiet(live)
     return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that involve several options (argparse exits 2 with a usage error)."""
+    if args.command == "hitrate" and args.weights is not None:
+        clients = max(args.clients, len(args.trace or []))
+        if len(args.weights) != clients:
+            parser.error(f"argument --weights: {len(args.weights)} weights for {clients} clients")
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -144,7 +243,7 @@ def _load(args: argparse.Namespace, path: Path):
     from .traces import load_trace
 
     trace = load_trace(path, args.format, include_writes=args.include_writes)
-    return trace.head(args.limit) if args.limit else trace
+    return trace.head(args.limit) if args.limit is not None else trace
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -228,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``guestfs lab``; returns the exit status."""
     from .traces import TraceError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     args.quiet = bool(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)

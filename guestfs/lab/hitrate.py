@@ -285,7 +285,7 @@ def _traces_from_args(args: argparse.Namespace) -> list[Trace]:
     if not args.trace:
         return [synthetic_zipf(200_000, 50_000, 0.9, seed=args.seed)]
     loaded = [load_trace(p, args.format, include_writes=args.include_writes) for p in args.trace]
-    return [t.head(args.limit) if args.limit else t for t in loaded]
+    return [t.head(args.limit) if args.limit is not None else t for t in loaded]
 
 
 def run_hitrate(args: argparse.Namespace, out: Path) -> str:

@@ -9,6 +9,10 @@ frontend's collision guard.
 Part (a) works on any directory (nothing is mounted): ``keying_table(paths)`` gives one row per
 tree with file counts, key sources, handle types and sizes, and collision counts per fold;
 ``inode_reuse(scratch_dir)`` shows st_ino reuse after delete-and-create with different handles.
+Part (b), ``live_keying(tree)``, reads the same seeded pages through real mounts with v1 and each
+v0 fold and reports, per mount, the puts its collision guard refused. ``stream_sizes`` saves a
+persistent pool built for the purpose (N pages, M objects) as v1 and as v0. The command writes
+keying.csv (+ keying-live.csv), keying.json, keying.png (+ keying-live.png) and summary.md.
 """
 
 from __future__ import annotations
@@ -160,11 +164,13 @@ def inode_reuse(scratch_parent: Path, attempts: int = 64) -> dict[str, Any]:
 # --- record and save-stream sizes ---------------------------------------------------------------
 
 
-def stream_sizes(pages: int, objects: int) -> dict[str, Any]:
+def stream_sizes(pages: int, objects: int, *, source: str = "synthetic") -> dict[str, Any]:
     """Bytes per hypercall record, per save handle and per save stream, v1 against v0.
 
     The stream sizes come from a real save (``Tmem.save``, i.e. ``tmemcore.savestream``) of one
-    client whose persistent pool holds ``pages`` zero pages spread over ``objects`` files."""
+    client whose *persistent* pool holds ``pages`` zero pages spread over ``objects`` objects,
+    created once as a v1 pool and once as a v0 pool. The pool is built here for the purpose: no
+    tree or mount above is saved (``source`` says where ``pages``/``objects`` came from)."""
     import io
 
     from tmemcore import abi
@@ -174,7 +180,8 @@ def stream_sizes(pages: int, objects: int) -> dict[str, Any]:
     sizes: dict[str, Any] = {"record_bytes_v1": abi.RECORD_SIZE[abi.SPEC_V1],
                              "record_bytes_v0": abi.RECORD_SIZE[abi.SPEC_V0],
                              "handle_bytes_v1": abi.HANDLE_SIZE[abi.SPEC_V1],
-                             "handle_bytes_v0": abi.HANDLE_SIZE[abi.SPEC_V0]}
+                             "handle_bytes_v0": abi.HANDLE_SIZE[abi.SPEC_V0],
+                             "stream_pages": pages, "stream_objects": objects}
     per_object = max(1, -(-pages // max(objects, 1)))
     page = bytes(abi.PAGE_SIZE)
     for version, name in ((abi.SPEC_V1, "v1"), (abi.SPEC_V0, "v0")):
@@ -185,8 +192,40 @@ def stream_sizes(pages: int, objects: int) -> dict[str, Any]:
         stream = io.BytesIO()
         host.save(1, stream)
         sizes[f"stream_bytes_{name}"] = len(stream.getvalue())
-    sizes["stream_source"] = f"Tmem.save of one persistent pool ({pages} pages, {objects} files)"
+    sizes["stream_source"] = (f"Tmem.save of one client with a persistent pool of {pages:,} zero pages over "
+                              f"{objects:,} objects, built once as a v1 and once as a v0 pool ({source})")
     return sizes
+
+
+def format_sizes(sizes: dict[str, Any]) -> str:
+    """The record/handle/stream sizes as a Markdown list, saying what the streams are."""
+    lines = [f"- {sizes['stream_source']}:",
+             f"  - save stream: v1 {sizes['stream_bytes_v1']:,} bytes, v0 {sizes['stream_bytes_v0']:,} bytes "
+             f"({sizes['stream_bytes_v1'] - sizes['stream_bytes_v0']:+,} bytes for v1)",
+             f"  - per hypercall record: v1 {sizes['record_bytes_v1']} bytes, v0 {sizes['record_bytes_v0']} bytes; "
+             f"per save handle: v1 {sizes['handle_bytes_v1']} bytes, v0 {sizes['handle_bytes_v0']} bytes"]
+    return "\n".join(lines)
+
+
+def plot_keying(out: Path, rows: list[dict[str, Any]], live_rows: list[dict[str, Any]] | None) -> list[Path]:
+    """keying.png: colliding files per scheme per tree; keying-live.png (with --live): tmem hits and
+    guard-refused puts per ABI/fold. Returns the written paths (none without matplotlib)."""
+    from . import plots
+
+    written = [plots.plot_bars(out / "keying.png", "files whose key collides with another file's",
+                               [Path(r["tree"]).name or r["tree"] for r in rows],
+                               {"v1 (192-bit oid)": [r["v1_collisions"] for r in rows],
+                                "v0 ino fold": [r["v0_ino_collisions"] for r in rows],
+                                "v0 xxh64 fold": [r["v0_xxh64_collisions"] for r in rows]},
+                               ylabel="colliding files")]
+    if live_rows:
+        written.append(plots.plot_bars(out / "keying-live.png", "live mounts: same reads, per ABI",
+                                       [r["mode"] for r in live_rows],
+                                       {"tmem hits (succ_gets)": [r["succ_gets"] for r in live_rows],
+                                        "puts refused by the collision guard": [r["guard_refused_puts"]
+                                                                                for r in live_rows]},
+                                       ylabel="count"))
+    return [path for path in written if path is not None]
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -228,18 +267,28 @@ def run_keying_experiment(args: Any, out: Path) -> str:
             f"- {r['tree']} (scratch dir under {r['scratch_parent']}): a new file got the deleted file's st_ino "
             f"in {r['ino_reused']}/{r['attempts']} creations (each one an `ino` fold collision); "
             f"its v1 oid equalled the old one {r['v1_oid_reused']} times" for r in reuse)))
+        live_rows: list[dict[str, Any]] | None = None
         if args.live:
             live_rows = live_keying(btrfs_root or trees[0], seed=1)
             payload["live"] = live_rows
-            sections.append(("Live mounts: v1 vs v0 folds", report.markdown_table(
+            sections.append(("Live mounts: v1 vs v0 folds", LIVE_NOTE + "\n\n" + report.markdown_table(
                 live_rows, ["abi", "fold", "mode", "reads", "wrong_reads", "succ_gets", "tmem_hit_ratio",
-                            "fold_collisions", "record_bytes"])))
-    sizes = stream_sizes(pages=4096, objects=64)
-    payload["sizes"] = sizes
-    sections.append(("Bytes per record and per save stream (4096 persistent pages, 64 files)", "\n".join(
-        f"- {k}: {v:,}" if isinstance(v, int) else f"- {k}: {v}" for k, v in sizes.items())))
+                            "guard_refused_puts", "gets_skipped", "record_bytes"])))
+    sizes = [stream_sizes(pages=4096, objects=64, source="synthetic: not taken from the trees or mounts above")]
+    if live_rows:
+        v1 = live_rows[0]
+        sizes.append(stream_sizes(pages=v1["host_pages"], objects=v1["host_objects"],
+                                  source="as many pages and objects as the v1 live run left in its ephemeral pool"))
+    payload["sizes"] = sizes[0]
+    payload["sizes_from_live"] = sizes[1] if len(sizes) > 1 else None
+    sections.append(("Bytes per record and per save stream (v1 vs v0)", "\n".join(format_sizes(s) for s in sizes)))
     report.write_csv(out / "keying.csv", [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows])
+    if live_rows:
+        report.write_csv(out / "keying-live.csv", live_rows)
     report.write_json(out / "keying.json", payload)
+    pngs = plot_keying(out, rows, live_rows)
+    if pngs:
+        sections.append(("Plots", "\n".join(f"- ![{p.stem}]({p.name})" for p in pngs)))
     report.write_summary(out / "summary.md", "File keying: v1 (192-bit handles) vs v0 (64-bit folds)", sections)
     return "\n\n".join(f"## {h}\n\n{b}" for h, b in sections)
 
@@ -279,6 +328,14 @@ class _optional_btrfs:
             self._scratch.cleanup()
 
 
+LIVE_NOTE = (
+    "`guard_refused_puts` = `fold_collisions` + `oid_collisions` from the mount's cleancache stats: puts the "
+    "frontend's collision guard dropped because the page's (folded) object id was already owned by another file. "
+    "Without the guard each would have put that page into the other file's tmem object, so a later get could have "
+    "returned the wrong file's bytes; the guard turns them into misses (`wrong_reads` stays 0). `gets_skipped` "
+    "counts gets answered as misses without a host call (pages never put, including the refused ones).")
+
+
 def live_keying(tree: Path, *, reads: int = 3000, seed: int = 1) -> list[dict[str, Any]]:
     """The same seeded reads through live mounts of ``tree`` with v1, v0+xxh64 and v0+ino."""
     from tmemcore import abi
@@ -290,6 +347,7 @@ def live_keying(tree: Path, *, reads: int = 3000, seed: int = 1) -> list[dict[st
     for abi_name, fold in (("v1", "xxh64"), ("v0", "xxh64"), ("v0", "ino")):
         run = live_run(tree, plan, page_cache_pages=8, tmem_pages=8192, abi=abi_name, fold=fold, seed=seed)
         stats = run["stats"]
+        host = stats.get("host") or {}
         rows.append({
             "abi": abi_name,
             "fold": fold if abi_name == "v0" else "-",
@@ -298,8 +356,14 @@ def live_keying(tree: Path, *, reads: int = 3000, seed: int = 1) -> list[dict[st
             "wrong_reads": run["wrong_reads"],
             "succ_gets": stats.get("succ_gets", 0),
             "failed_gets": stats.get("failed_gets", 0),
+            "gets_skipped": stats.get("gets_skipped", 0),
             "fold_collisions": stats.get("fold_collisions", 0),
+            "oid_collisions": stats.get("oid_collisions", 0),
+            # each refused put would have stored a page under an object id owned by another file
+            "guard_refused_puts": stats.get("fold_collisions", 0) + stats.get("oid_collisions", 0),
             "record_bytes": abi.RECORD_SIZE[abi.SPEC_V1 if abi_name == "v1" else abi.SPEC_V0],
             "tmem_hit_ratio": stats.get("succ_gets", 0) / run["reads"] if run["reads"] else 0.0,
+            "host_pages": int(host.get("global", {}).get("global_pgp_count", 0)),
+            "host_objects": int(host.get("global", {}).get("global_obj_count", 0)),
         })
     return rows

@@ -5,7 +5,10 @@ files in the source tree (popularity ranks shuffled by the seed), run against th
 every read is compared with the backing file's bytes (``wrong_reads`` must be 0). With
 fio (the default of ``guestfs lab live`` when fio is installed; ``--workload builtin`` forces the
 checked reader), fio's own ``random_distribution=zipf`` drives one file made by concatenating the
-tree's files (fio's bytes are not checked).
+tree's files into a private scratch tree, which is what the fio runs mount: the source tree --
+possibly the user's ``--source`` -- is only ever read. fio checks no bytes, so its rows have
+``wrong_reads`` None ("n/a"). When fio cannot run (not installed, less than one 4 KiB block of
+data, or fio fails) the whole sweep falls back to the built-in reader and the output says why.
 
 Counters come from the daemon's ``Stack.stats()`` as ``guestfs stats --json`` prints them
 (``guestfs.mount.read_stats``); ``backing_bytes_read`` is what the mount read from the backing
@@ -115,28 +118,49 @@ def run_reads(mountpoint: Path, source: Path, plan: ReadPlan) -> dict[str, Any]:
         for fd in fds.values():
             os.close(fd)
     seconds = time.perf_counter() - started
-    return {"reads": len(plan.reads), "wrong_reads": wrong, "seconds": seconds,
+    return {"workload": "builtin", "reads": len(plan.reads), "wrong_reads": wrong, "seconds": seconds,
             "reads_per_second": len(plan.reads) / seconds if seconds else 0.0}
 
 
 FIO_FILE = "fio-zipf.dat"
+FIO_MAX_BYTES = 16 << 20
 
 
-def add_fio_file(source: Path, max_bytes: int = 16 << 20) -> str:
-    """Concatenate the tree's files into one file for fio (fio's zipf works over one file)."""
-    target = source / FIO_FILE
-    if not target.exists():
-        with open(target, "wb") as out:
-            for path in sorted(source.rglob("*")):
-                if out.tell() >= max_bytes:
-                    break
-                if path.is_file() and not path.is_symlink() and path != target:
-                    out.write(path.read_bytes()[: max_bytes - out.tell()])
-    return FIO_FILE
+class FioError(RuntimeError):
+    """fio could not run the workload (not installed, data file too small, or fio itself failed)."""
+
+
+def make_fio_tree(source: Path, dest: Path, max_bytes: int = FIO_MAX_BYTES) -> Path:
+    """A private scratch tree ``dest`` holding ``FIO_FILE``: the files of ``source`` concatenated.
+
+    fio's zipf works over one file; building it in a scratch tree (which is what gets mounted
+    for the fio runs) means ``source`` -- possibly the user's own tree -- is only ever read.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / FIO_FILE, "wb") as out:
+        for path in sorted(source.rglob("*")):
+            if out.tell() >= max_bytes:
+                break
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as part:
+                    out.write(part.read(max_bytes - out.tell()))
+    return dest
+
+
+def fio_unavailable_reason(fio_tree: Path) -> str | None:
+    """Why fio cannot run over ``fio_tree / FIO_FILE``, or None when it can."""
+    if shutil.which("fio") is None:
+        return "fio is not installed"
+    size = (fio_tree / FIO_FILE).stat().st_size
+    if size < PAGE_BYTES:  # fio: "blocksize is larger than data set range"
+        return f"the source holds {size} bytes, less than one 4 KiB block for fio"
+    return None
 
 
 def run_fio(mountpoint: Path, big_file: str, reads: int, seed: int) -> dict[str, Any]:
-    """fio randread with a zipf distribution over one file of the mount (bytes not checked)."""
+    """fio randread with a zipf distribution over one file of the mount.
+
+    fio checks no bytes here, so ``wrong_reads`` is None (not 0): nothing was verified."""
     size = (mountpoint / big_file).stat().st_size
     command = ["fio", "--name=zipf", f"--filename={mountpoint / big_file}", "--rw=randread", "--bs=4k",
                "--random_distribution=zipf:0.9", f"--number_ios={reads}", f"--io_size={reads * PAGE_BYTES * 4}",
@@ -145,8 +169,8 @@ def run_fio(mountpoint: Path, big_file: str, reads: int, seed: int) -> dict[str,
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"fio failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return {"reads": reads, "wrong_reads": 0, "seconds": time.perf_counter() - started, "engine": "fio"}
+        raise FioError(f"fio failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {"workload": "fio", "reads": reads, "wrong_reads": None, "seconds": time.perf_counter() - started}
 
 
 def mount_args(page_cache_pages: int, tmem_pages: int, *, abi: str = "v1", fold: str = "xxh64",
@@ -165,25 +189,26 @@ def live_run(
     abi: str = "v1",
     fold: str = "xxh64",
     compress: bool = False,
-    use_fio: bool = False,
+    fio_file: str | None = None,
     seed: int = 1,
     timeout: float = 20.0,
 ) -> dict[str, Any]:
     """Mount ``source``, run the workload, return the workload result plus the daemon's stats.
 
-    With ``use_fio`` the tree must already hold ``FIO_FILE`` (``add_fio_file``)."""
+    With ``fio_file`` (a file of ``source``, see ``make_fio_tree``) fio reads that file and
+    ``plan`` only gives the number of reads; otherwise the built-in reader executes ``plan``."""
     from guestfs.mount import start_mount
 
     with tempfile.TemporaryDirectory(prefix="guestfs-lab-mnt-") as mountpoint:
         handle = start_mount(str(source), mountpoint, mount_args(page_cache_pages, tmem_pages, abi=abi, fold=fold,
                                                                  compress=compress), timeout=timeout)
         try:
-            if use_fio:
-                workload = run_fio(Path(mountpoint), add_fio_file(source), len(plan.reads), seed)
+            if fio_file is not None:
+                workload = run_fio(Path(mountpoint), fio_file, len(plan.reads), seed)
             else:
                 workload = run_reads(Path(mountpoint), source, plan)
             stats = handle.stats()
-            if use_fio:  # what fio issued, as the daemon counted it
+            if fio_file is not None:  # what fio issued, as the daemon counted it
                 workload["reads"] = int(stats.get("reads", workload["reads"]))
         finally:
             handle.unmount(timeout=timeout)
@@ -223,23 +248,47 @@ def run_small_live_workload(source: Path | None = None, *, reads: int = 2000, pa
         return live_run(tree, plan, page_cache_pages=page_cache_pages, tmem_pages=tmem_pages, seed=seed)
 
 
+def _sweep(args: argparse.Namespace, tree: Path, plan: ReadPlan, sizes: list[int],
+           fio_file: str | None) -> list[dict[str, Any]]:
+    runs = []
+    for compress in ([False, True] if args.compress else [False]):
+        for tmem_pages in sizes:
+            runs.append(live_run(tree, plan, page_cache_pages=args.page_cache, tmem_pages=tmem_pages,
+                                 compress=compress, fio_file=fio_file, seed=args.seed))
+    return runs
+
+
+def run_sweep(args: argparse.Namespace, source: Path, plan: ReadPlan, sizes: list[int],
+              scratch: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The runs, and why fio was wanted but not used (None when fio ran or was not wanted).
+
+    fio mounts a private scratch tree (``make_fio_tree``); the built-in reader mounts ``source``
+    itself, read-only. If fio cannot run -- or fails in any run -- the whole sweep is done by
+    the built-in reader, so all rows come from the same workload."""
+    if args.workload == "builtin":
+        return _sweep(args, source, plan, sizes, None), None
+    fio_tree = make_fio_tree(source, scratch / "fio")
+    reason = fio_unavailable_reason(fio_tree)
+    if reason is None:
+        try:
+            return _sweep(args, fio_tree, plan, sizes, FIO_FILE), None
+        except FioError as exc:
+            reason = str(exc)
+    return _sweep(args, source, plan, sizes, None), reason
+
+
 def run_live_experiment(args: argparse.Namespace, out: Path) -> str:
-    """``guestfs lab live``: a tmem sweep (and compression) through real mounts."""
+    """``guestfs lab live``: a tmem sweep (and compression) through real mounts; ``--source`` is never written."""
     sizes = args.tmem_sizes if args.tmem_sizes != "auto" else [0, 1024, 4096, 16384]
     with tempfile.TemporaryDirectory(prefix="guestfs-lab-src-") as scratch:
         source = args.source or make_text_tree(Path(scratch) / "src", args.files, seed=args.seed)
-        use_fio = args.workload == "fio" or (args.workload == "auto" and shutil.which("fio") is not None)
-        if use_fio:
-            add_fio_file(source)  # before planning, so both workloads see the same tree
         plan = plan_reads(source, args.reads, seed=args.seed)
-        runs = []
-        for compress in ([False, True] if args.compress else [False]):
-            for tmem_pages in sizes:
-                runs.append(live_run(source, plan, page_cache_pages=args.page_cache, tmem_pages=tmem_pages,
-                                     compress=compress, use_fio=use_fio, seed=args.seed))
+        runs, fio_fallback = run_sweep(args, source, plan, sizes, Path(scratch))
+    used_fio = runs[0]["workload"] == "fio"
     rows = [flatten(run) for run in runs]
     report.write_csv(out / "live.csv", rows)
     report.write_json(out / "live.json", {"meta": report.run_metadata(), "distinct_pages": plan.distinct_pages,
+                                          "workload": runs[0]["workload"], "fio_fallback_reason": fio_fallback,
                                           "runs": runs})
     for compress in sorted({r["compress"] for r in rows}):
         subset = [r for r in rows if r["compress"] == compress]
@@ -248,10 +297,16 @@ def run_live_experiment(args: argparse.Namespace, out: Path) -> str:
                                                                       [r.get("tmem_hit_ratio", 0.0) for r in subset])})
     columns = ["tmem_pages", "compress", "reads", "wrong_reads", "page_cache_hits", "succ_gets", "hit_ratio",
                "backing_bytes_read", "host_used_bytes", "host_compressed_pages"]
-    workload = (f"fio randread zipf:0.9 over {FIO_FILE} (bytes not checked)" if use_fio else
-                f"built-in zipf(0.9) reader over {len(plan.files)} files ({plan.distinct_pages:,} distinct pages), "
-                "every read checked against the backing file")
+    if used_fio:
+        workload = (f"fio randread zipf:0.9 over {FIO_FILE}, a scratch file concatenated from the source's files "
+                    "(fio checks no bytes: wrong_reads n/a)")
+    else:
+        workload = (f"built-in zipf(0.9) reader over {len(plan.files)} files ({plan.distinct_pages:,} distinct "
+                    "pages), every read checked against the backing file")
+        if fio_fallback is not None:
+            workload += f" (fio could not run: {fio_fallback}; used the built-in reader instead)"
+    shown = [{**row, "wrong_reads": "n/a (fio)"} if row["wrong_reads"] is None else row for row in rows]
     body = (f"{len(plan.reads):,} 4 KiB reads per run: {workload}; page cache {args.page_cache} pages.\n\n"
-            + report.markdown_table(rows, columns))
+            + report.markdown_table(shown, columns))
     report.write_summary(out / "summary.md", "Live mount: tmem sweep", [("Runs", body)])
     return body

@@ -66,6 +66,9 @@ def plot_bars(path: Path, title: str, labels: Sequence[str], series: dict[str, S
         xs = [i + offset * width for i in range(len(labels))]
         ax.bar(xs, list(values), width=width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], list(labels), rotation=20, fontsize=8)
+    # counts start at 0; an all-zero result (e.g. no collisions) still gets a readable axis
+    tallest = max((v for values in series.values() for v in values), default=0)
+    ax.set_ylim(0, max(1.0, 1.15 * tallest))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)

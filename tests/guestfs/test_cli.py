@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -31,15 +32,36 @@ def test_mount_help_documents_every_option_with_its_default() -> None:
         assert "default:" in " ".join(paragraph.split()), paragraph
     for expected in ("(default: 16M)", "(default: 256M", "(default: auto)", "(default: xxh64)", "(default: 1.0)"):
         assert expected in text
+    assert "--client-id" in text and "empty directory" not in text
+    assert "directory to mount on (its contents are hidden while mounted)" in text
+
+
+def test_top_level_help_describes_lab_and_demo_for_users() -> None:
+    result = run_cli("--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0 and ".main" not in text and "remaining arguments" not in text
+    assert "lab trace-driven hit-rate experiments (see guestfs lab --help)" in text
+    assert "demo mount a sample tree, run a workload, show hit rates and v0/v1 keying" in text
 
 
 @pytest.mark.parametrize("args, fragment", [
     (["--page-cache", "12X"], "invalid size '12X'"),
     (["--tmem=-5M"], "invalid size '-5M'"),
-    (["--page-cache", "0"], "at least 4096 bytes"),
+    (["--page-cache", "0"], "--page-cache must be at least 1 byte"),
+    (["--page-cache", "99999999999999G"], "larger than the 1 TiB limit"),
     (["--abi", "v7"], "invalid choice"),
     (["-o", "direct_io"], "not a supported FUSE option"),
-    (["--attr-timeout", "soon"], "invalid float value"),
+    (["--attr-timeout", "soon"], "--attr-timeout: must be a number of seconds"),
+    (["--attr-timeout", "nan"], "--attr-timeout: must be a finite number of seconds >= 0, got 'nan'"),
+    (["--attr-timeout", "inf"], "finite number of seconds >= 0"),
+    (["--timeout", "nan"], "--timeout: must be a finite number of seconds > 0, got 'nan'"),
+    (["--timeout", "0"], "--timeout: must be a finite number of seconds > 0"),
+    (["--timeout=-inf"], "--timeout: must be a finite number of seconds > 0"),
+    (["--client-id", "0"], "must be a client id in 1..65534"),
+    (["--client-id", "x"], "must be a client id in 1..65534"),
+    (["--server", "unix:/run/x.sock", "--tmem", "1M"], "--tmem configures the embedded host"),
+    (["--server", "unix:/run/x.sock", "--host-spec", "both"], "--host-spec configures the embedded host"),
+    (["--server", "unix:/run/x.sock", "--compress"], "--compress needs the embedded host"),
     (["--nonsense"], "unrecognized arguments"),
 ])
 def test_bad_mount_options_exit_2_with_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -65,6 +87,17 @@ def test_bad_paths_exit_2_before_any_mount(tmp_path: Path, layout: str, fragment
         mnt.mkdir()
     result = run_cli("mount", str(source), str(mnt))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr
+
+
+@pytest.mark.parametrize("abi", ["auto", "v1"])
+def test_unreachable_server_fails_before_mounting(tmp_path: Path, abi: str) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    address = f"unix:{tmp_path}/no-tmemd.sock"
+    result = run_cli("mount", str(tmp_path / "src"), str(tmp_path / "mnt"), "--server", address, "--abi", abi)
+    assert result.returncode == 1
+    assert result.stderr == f"guestfs mount: cannot reach tmemd at {address}: No such file or directory\n"
+    assert not os.path.ismount(tmp_path / "mnt")
 
 
 def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,3 +62,12 @@ def test_stats_and_unmount_of_a_plain_directory_fail_cleanly(tmp_path: Path) -> 
     assert "\n" not in str(info.value)
     with pytest.raises(MountError, match="cannot unmount"):
         unmount(str(tmp_path), timeout=10)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
+def test_start_mount_refuses_a_timeout_that_never_expires(tmp_path: Path, timeout: float) -> None:
+    from guestfs.mount import start_mount
+
+    with pytest.raises(ValueError, match="finite number of seconds > 0"):
+        start_mount(str(tmp_path), str(tmp_path / "mnt"), [], timeout=timeout)
+    assert not (tmp_path / "mnt").exists()

@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guestfs.cli import build_parser, mount_config
-from guestfs.config import MountConfig, parse_fuse_options, parse_pages, parse_size, size_to_pages
+from guestfs.config import (
+    MAX_SIZE,
+    PAGE_SIZE,
+    MountConfig,
+    parse_fuse_options,
+    parse_pages,
+    parse_seconds,
+    parse_size,
+    size_to_pages,
+)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -27,16 +36,51 @@ def test_parse_size_rejects_with_one_line(text: str) -> None:
     assert "\n" not in str(info.value) and repr(text) in str(info.value)
 
 
-@given(st.integers(min_value=0, max_value=1 << 40), st.sampled_from(["", "K", "M", "G"]))
-def test_parse_size_scales_binary_units(number: int, unit: str) -> None:
-    assert parse_size(f"{number}{unit}") == number * {"": 1, "K": 1024, "M": 1 << 20, "G": 1 << 30}[unit]
+UNITS = {"": 1, "K": 1024, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@given(st.integers(min_value=0, max_value=1 << 40), st.sampled_from(list(UNITS)))
+def test_parse_size_scales_binary_units_up_to_one_tib(number: int, unit: str) -> None:
+    size = number * UNITS[unit]
+    if size <= MAX_SIZE:
+        assert parse_size(f"{number}{unit}") == size
+    else:
+        with pytest.raises(ValueError, match="larger than the 1 TiB limit"):
+            parse_size(f"{number}{unit}")
+
+
+def test_huge_sizes_are_refused_not_turned_into_floats() -> None:
+    assert parse_size("1T") == MAX_SIZE == 1 << 40
+    with pytest.raises(ValueError) as info:
+        parse_pages("99999999999999G", "--page-cache")
+    assert str(info.value) == "--page-cache: size '99999999999999G' is larger than the 1 TiB limit"
+
+
+@given(st.integers(min_value=0, max_value=1 << 80))
+def test_size_to_pages_is_exact_integer_ceil(nbytes: int) -> None:
+    pages = size_to_pages(nbytes)
+    assert isinstance(pages, int) and (pages - 1) * PAGE_SIZE < nbytes <= pages * PAGE_SIZE or nbytes == pages == 0
 
 
 def test_sizes_round_up_to_pages() -> None:
     assert [size_to_pages(n) for n in (0, 1, 4096, 4097, 8192)] == [0, 1, 1, 2, 2]
+    assert size_to_pages((1 << 60) + 1) == (1 << 48) + 1  # a float division would lose the +1
     assert parse_pages("8K", "--page-cache") == 2
-    with pytest.raises(ValueError, match="at least 4096 bytes"):
+    assert parse_pages("1K", "--tmem") == parse_pages("1", "--tmem") == 1  # what the error below promises
+    with pytest.raises(ValueError) as info:
         parse_pages("0", "--page-cache")
+    assert "at least 1 byte" in str(info.value) and "4096-byte pages" in str(info.value)
+
+
+@pytest.mark.parametrize("text, allow_zero", [("nan", True), ("inf", True), ("-inf", False), ("-1", True),
+                                              ("0", False), ("-0.0", False), ("soon", True)])
+def test_parse_seconds_refuses_non_finite_and_out_of_range(text: str, allow_zero: bool) -> None:
+    with pytest.raises(ValueError, match="--x must be"):
+        parse_seconds(text, "--x", allow_zero=allow_zero)
+
+
+def test_parse_seconds_accepts() -> None:
+    assert parse_seconds("0", "--x", allow_zero=True) == 0.0 and parse_seconds("2.5", "--x", allow_zero=False) == 2.5
 
 
 def test_fuse_options_whitelist() -> None:
@@ -76,6 +120,8 @@ def test_mount_config_validates_paths(tmp_path: Path) -> None:
     ("abi", "v2", "--abi"), ("fold", "crc", "--v0-fold"), ("host_spec", "v9", "--host-spec"),
     ("binding", "llfuse", "--fuse"), ("attr_timeout", -1.0, "--attr-timeout"), ("server", "127.0.0.1:1", "--server"),
     ("page_cache_pages", 0, "at least one page"), ("threads", "many", "--threads"),
+    ("attr_timeout", float("nan"), "--attr-timeout"), ("attr_timeout", float("inf"), "--attr-timeout"),
+    ("client_id", 0, "--client-id"), ("client_id", 0xFFFF, "--client-id"), ("server", "tcp:x", "--server"),
 ])
 def test_mount_config_validates_options(tmp_path: Path, option: str, value: object, message: str) -> None:
     source, mnt = make_dirs(tmp_path)
@@ -85,14 +131,28 @@ def test_mount_config_validates_options(tmp_path: Path, option: str, value: obje
 
 def test_to_args_roundtrips_through_the_cli_parser(tmp_path: Path) -> None:
     source, mnt = make_dirs(tmp_path)
-    config = MountConfig.create(str(source), str(mnt), page_cache_pages=3, tmem_pages=70, abi="v0", fold="ino",
-                                compress=True, read_only=True, host_spec="both", server="tcp:127.0.0.1:9",
-                                binding="fusepy", attr_timeout=0.25, threads="multi", fuse_options=("noatime", "fsname=z"))
-    args = build_parser().parse_args(["mount", str(source), str(mnt), *config.to_args()])
-    assert mount_config(args) == config
+    embedded = MountConfig.create(str(source), str(mnt), page_cache_pages=3, tmem_pages=70, abi="v0", fold="ino",
+                                  compress=True, read_only=True, host_spec="both", client_id=7, binding="fusepy",
+                                  attr_timeout=0.25, threads="multi", fuse_options=("noatime", "fsname=z"))
+    remote = MountConfig.create(str(source), str(mnt), page_cache_pages=3, abi="v1", server="tcp:127.0.0.1:9",
+                                read_only=True, attr_timeout=0.0)
+    for config in (embedded, remote):
+        args = build_parser().parse_args(["mount", str(source), str(mnt), *config.to_args()])
+        assert mount_config(args) == config
+
+
+def test_embedded_host_options_with_server_are_refused(tmp_path: Path) -> None:
+    source, mnt = make_dirs(tmp_path)
+    with pytest.raises(ValueError, match="--compress needs the embedded host"):
+        MountConfig.create(str(source), str(mnt), compress=True, server="unix:/run/tmemd.sock")
+    with pytest.raises(ValueError, match="--host-spec configures the embedded host"):
+        MountConfig.create(str(source), str(mnt), host_spec="v0", server="unix:/run/tmemd.sock")
 
 
 def test_stack_config_carries_the_cache_settings(tmp_path: Path) -> None:
     source, mnt = make_dirs(tmp_path)
-    stack_config = MountConfig.create(str(source), str(mnt), page_cache_pages=5, tmem_pages=9, abi="v1").stack_config()
+    stack_config = MountConfig.create(str(source), str(mnt), page_cache_pages=5, tmem_pages=9, abi="v1",
+                                      client_id=3).stack_config()
     assert (stack_config.page_cache_pages, stack_config.tmem_pages, stack_config.abi) == (5, 9, "v1")
+    assert stack_config.client_id == 3
+    assert MountConfig.create(str(source), str(mnt)).stack_config().client_id is None

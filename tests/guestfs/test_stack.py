@@ -92,3 +92,97 @@ def test_bad_config_is_one_line_error(field: str, value: object, message: str) -
     setattr(config, field, value)
     with pytest.raises(ValueError, match=message):
         build_stack(config)
+
+
+# ---------------------------------------------------------------- a tmemd host (in-process server)
+
+
+@pytest.fixture
+def tmemd(tmp_path: Path):
+    """A real tmemcore.Tmem served by TmemServer on a unix socket; yields (host, server, address)."""
+    import tmemcore
+    from tmemcore.server import TmemServer
+
+    host = tmemcore.Tmem(256, accept_v0=True)
+    server = TmemServer(host, f"unix:{tmp_path}/tmemd.sock")
+    address = server.start()
+    try:
+        yield host, server, address
+    finally:
+        server.stop()
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def live_pools(host, client_id: int) -> list[int]:
+    client = host.clients.get(client_id)
+    return [] if client is None else [slot for slot, pool in enumerate(client.pools) if pool is not None]
+
+
+def test_unreachable_server_is_an_error_not_a_passthrough(tmp_path: Path) -> None:
+    from guestfs.stack import ServerUnreachable
+
+    address = f"unix:{tmp_path}/none.sock"
+    for abi in ("auto", "v1"):
+        with pytest.raises(ServerUnreachable) as info:
+            build_stack(StackConfig(server=address, abi=abi))
+        assert str(info.value) == f"cannot reach tmemd at {address}: No such file or directory"
+
+
+def test_embedded_host_options_are_refused_with_a_server() -> None:
+    for field, value in (("compress", True), ("host_spec", "both")):
+        config = StackConfig(server="unix:/run/tmemd.sock")
+        setattr(config, field, value)
+        with pytest.raises(ValueError, match="cannot be used with server"):
+            build_stack(config)
+
+
+def test_embedded_client_id_defaults_to_1_and_follows_the_config() -> None:
+    for client_id, expected in ((None, 1), (9, 9)):
+        stack = build_stack(StackConfig(page_cache_pages=1, tmem_pages=16, client_id=client_id))
+        try:
+            assert stack.client_id == expected and stack.stats()["client_id"] == expected
+            assert live_pools(stack.tmem, expected) == [0]
+        finally:
+            stack.close()
+
+
+def test_server_assigns_distinct_client_ids_so_v0_and_v1_guests_coexist(tmemd) -> None:
+    host, server, address = tmemd
+    v1 = build_stack(StackConfig(page_cache_pages=1, server=address, abi="v1"))
+    v0 = build_stack(StackConfig(page_cache_pages=1, server=address, abi="v0"))
+    explicit = build_stack(StackConfig(page_cache_pages=1, server=address, abi="v1", client_id=40))
+    try:
+        assert (v1.cleancache.mode, v0.cleancache.mode, explicit.cleancache.mode) == ("v1", "v0-xxh64", "v1")
+        assert (v1.client_id, v0.client_id, explicit.client_id) == (1, 2, 40)
+        assert v0.stats()["client_id"] == 2
+        assert live_pools(host, 1) == live_pools(host, 2) == live_pools(host, 40) == [0]
+        server.check()
+    finally:
+        for stack in (v1, v0, explicit):
+            stack.close()
+
+
+def test_a_dropped_connection_destroys_its_pools_and_frees_its_id(tmemd) -> None:
+    host, server, address = tmemd
+    stack = build_stack(StackConfig(page_cache_pages=1, server=address, abi="v1"))
+    stack.cleancache.put_page(KEY, 0, b"p" * 4096)
+    assert live_pools(host, 1) == [0] and host.npages == 1
+    stack.transport.remote.close()  # a crash: no DESTROY_POOL was sent, the socket just closes
+    assert wait_for(lambda: live_pools(host, 1) == [] and server.client_ids() == {})
+    assert host.npages == 0
+    again = build_stack(StackConfig(page_cache_pages=1, server=address, abi="v0"))  # the freed id, another ABI
+    try:
+        assert again.client_id == 1 and again.cleancache.mode == "v0-xxh64"
+    finally:
+        again.close()
+        stack.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,23 @@ def test_keying_on_a_small_tree(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert data["sizes"]["record_bytes_v1"] == 56 and data["sizes"]["record_bytes_v0"] == 40
     assert data["sizes"]["stream_bytes_v1"] > data["sizes"]["stream_bytes_v0"]
     assert "v0 ino coll." in capsys.readouterr().out
+    # the save streams are of a pool built for the purpose, and the output says so
+    assert (data["sizes"]["stream_pages"], data["sizes"]["stream_objects"]) == (4096, 64)
+    assert data["sizes_from_live"] is None
+    summary = (out / "summary.md").read_text()
+    assert "persistent pool of 4,096 zero pages over 64 objects" in summary and "synthetic" in summary
+    assert (out / "keying.csv").is_file()
+
+
+def test_keying_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_bytes(b"a")
+    out = tmp_path / "out"
+    assert main(["--quiet", "keying", "--tree", str(tree), "--out", str(out)]) == 0
+    assert (out / "keying.png").read_bytes().startswith(b"\x89PNG")
+    assert "keying.png" in (out / "summary.md").read_text()
 
 
 def test_simulate_real_stack_default_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -95,3 +114,78 @@ def test_simulate_real_stack_default_engine(tmp_path: Path, capsys: pytest.Captu
     (row,) = json.loads(capsys.readouterr().out)
     assert row["engine"] == "stack" and row["wrong_bytes"] == 0
     assert row["tmem_hits"] == row["extra"]["cleancache"]["succ_gets"] > 0
+
+
+# --- argument validation: every bad value is a usage error (exit 2), never a traceback ------------
+
+BAD_ARGUMENTS = [
+    (["simulate", "--trace", "T", "--limit", "-3"], "--limit"),  # was trace.head(-3): drops the last 3
+    (["simulate", "--trace", "T", "--limit", "0"], "--limit"),  # was "replay everything"
+    (["mrc", "--trace", "T", "--limit", "x"], "--limit"),
+    (["hitrate", "--clients", "0"], "--clients"),  # was run as 1 client
+    (["hitrate", "--clients", "2", "--weights", "1,2,3"], "--weights"),  # was a late ValueError, exit 1
+    (["mrc", "--trace", "T", "--sizes", "0"], "--sizes"),
+    (["mrc", "--trace", "T", "--sizes", ","], "--sizes"),
+    (["live", "--reads", "0"], "--reads"),  # was an empty row
+    (["live", "--reads", "-5"], "--reads"),  # was "negative dimensions are not allowed"
+    (["live", "--files", "0"], "--files"),
+    (["live", "--seed", "-1"], "--seed"),
+    (["live", "--page-cache", "0"], "--page-cache"),
+    (["simulate", "--trace", "T", "--page-cache", "0"], "--page-cache"),  # was exit 1
+    (["hitrate", "--page-cache", "0K"], "--page-cache"),
+    (["keying", "--limit", "0"], "--limit"),
+]
+
+
+@pytest.mark.parametrize(("argv", "option"), BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_values_are_usage_errors(argv: list[str], option: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    trace = lirs_file(tmp_path, [1, 2, 3])
+    argv = [str(trace) if a == "T" else a for a in argv]
+    with pytest.raises(SystemExit) as info:
+        main(["--quiet", *argv, "--out", str(tmp_path / "out")] if argv[0] in ("live", "keying") else argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("guestfs lab") and f"error: argument {option}" in message
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_limit_replays_exactly_the_first_n_requests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = lirs_file(tmp_path, list(range(1, 11)))
+    assert main(["simulate", "--trace", str(path), "--limit", "3", "--engine", "fast", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["requests"] == 3
+
+
+def test_zero_tmem_sizes_stay_valid() -> None:
+    args = build_parser().parse_args(["live", "--tmem-sizes", "0,4M"])
+    assert args.tmem_sizes == [0, 1024]
+    args = build_parser().parse_args(["simulate", "--trace", "x", "--tmem", "0"])
+    assert args.tmem == [0]
+
+
+# --- --help: exactly one sensible default per option --------------------------------------------
+
+
+def _all_parsers() -> list[argparse.ArgumentParser]:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [parser, *subparsers.choices.values()]
+
+
+@pytest.mark.parametrize("parser", _all_parsers(), ids=lambda p: p.prog)
+def test_every_option_shows_exactly_one_default(parser: argparse.ArgumentParser) -> None:
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or "--help" in action.option_strings:
+            continue
+        text = formatter._expand_help(action)
+        name = action.option_strings[0]
+        assert text.count("default") == (0 if action.required else 1), f"{parser.prog} {name}: {text!r}"
+        assert "None" not in text and "False" not in text, f"{parser.prog} {name}: {text!r}"
+    help_text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in help_text
+    assert not re.search(r"\(default: [^)]*\) \(default:", help_text)  # was "(default: detected) (default: None)"
+    assert "--quiet no progress bars (default: off)" in help_text

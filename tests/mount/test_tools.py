@@ -74,16 +74,22 @@ def test_git_init_add_commit_log(mount_factory: MountFactory) -> None:
     assert run("git", "status", "--porcelain", cwd=repo) == ""
 
 
+# --verify_state_save=0: fio would otherwise leave local-verify-0-verify.state in its working directory
 FIO_JOB = ["--name=verify", "--rw=randrw", "--bs=4k", "--size=8M", "--ioengine=psync", "--verify=crc32c",
-           "--verify_fatal=1", "--do_verify=1", "--randrepeat=1", "--randseed=7", "--group_reporting"]
+           "--verify_fatal=1", "--do_verify=1", "--randrepeat=1", "--randseed=7", "--group_reporting",
+           "--verify_state_save=0"]
 
 
 @pytest.mark.parametrize("direct", [0, 1])
-def test_fio_randrw_with_crc32c_verify(mount_factory: MountFactory, direct: int) -> None:
+def test_fio_randrw_with_crc32c_verify(mount_factory: MountFactory, direct: int, tmp_path: Path) -> None:
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
     m = mount_factory("--page-cache", "256K", "--tmem", "2M")  # smaller than the file: all three tiers work
+    workdir = tmp_path / "fio-cwd"
+    workdir.mkdir()
+    state_files_before = set(Path.cwd().glob("*verify.state"))
     result = subprocess.run(["fio", *FIO_JOB, f"--direct={direct}", f"--directory={m.mnt}"],
-                            capture_output=True, text=True, timeout=100)
+                            capture_output=True, text=True, timeout=100, cwd=workdir)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     assert "verify" in result.stdout and "err= 0" in result.stdout
+    assert list(workdir.iterdir()) == [] and set(Path.cwd().glob("*verify.state")) == state_files_before

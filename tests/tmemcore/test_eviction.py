@@ -159,3 +159,30 @@ def test_equals_lru_of_budget_for_single_private_pool() -> None:
             want = model.pop(key, None)
             assert (got is None) == (want is None) and (got is None or got[0] == want)
     t.check()
+
+
+def test_client_lists_exist_only_while_a_weight_is_set() -> None:
+    """The per-client FIFOs serve the weight rule only: built from the global order when the
+    first weight is set, dropped when the last weight returns to 0."""
+    t = Tmem(memory_pages=6)
+    a = t.client(1).new_pool()
+    b = t.client(2).new_pool()
+    for i in range(3):
+        a.put(1, i, pg(i))
+        b.put(1, i, pg(10 + i))
+    assert not t.eviction.by_client and not t.client(1).eph_pages
+    t.set_weight(2, 1)
+    assert t.eviction.by_client
+    assert [n[0] for n in t.client(1).eph_pages] == [pg(0), pg(1), pg(2)]
+    assert [n[0] for n in t.client(2).eph_pages] == [pg(10), pg(11), pg(12)]
+    t.check()
+    b.put(2, 0, pg(20))  # full: client 2 holds 3 of 6 pages with all the weight -> not over share
+    assert a.get(1, 0) is None and b.get(1, 0) == pg(10)  # so the global oldest went (1's page 0)
+    t.set_weight(1, 3)  # now 2 has weight 1 of 4 but holds 3 of 5 pages: over its share
+    a.put(1, 4, pg(4))
+    b.put(2, 1, pg(21))  # full again (6 pages) and 2 is over its share: its own oldest goes
+    assert b.get(1, 1) is None and a.get(1, 1) == pg(1)
+    t.check()
+    t.set_weight(None, 0)
+    assert not t.eviction.by_client and not t.client(1).eph_pages and not t.client(2).eph_pages
+    t.check()

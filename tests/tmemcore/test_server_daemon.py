@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -216,21 +217,112 @@ def test_host_options_reach_the_host(tmp_path: Path, flags: list[str], capsys: p
     running = start_tmemd(tmp_path, *flags)
     try:
         version = abi.SPEC_V0 if "v0" in flags else abi.SPEC_V1
-        with RemoteTmem(running.address, 1) as remote:
+        with RemoteTmem(running.address, 1) as remote:  # open until saved: its pools die with the connection
             assert new_pool(remote, version=abi.SPEC_V1 - version) == -1  # the other version: EPERM
             assert new_pool(remote, version=version) == 0
             for index in range(3):
                 record = abi.gen_record(abi.TMEM_PUT_PAGE, 0, 1, index, version=version)
                 assert remote.do_tmem_op(record, bytearray(PAGE)) == 1
-        assert tmemctl(["--server", running.address, "list", "--long"]) == 0
-        out = capsys.readouterr().out
-        if "--dedup" in flags:
-            assert ",Gd:2," in out  # two of the three identical pages were deduplicated
-        if "--compress-default" in flags:
-            assert "co:1" in out
-        stream = tmp_path / "saved.tmem"
-        assert tmemctl(["--server", running.address, "save", "1", str(stream)]) == 0
-        assert decode_stream(stream.read_bytes()).version == version  # v0 host: 40-byte control records
+            assert tmemctl(["--server", running.address, "list", "--long"]) == 0
+            out = capsys.readouterr().out
+            if "--dedup" in flags:
+                assert ",Gd:2," in out  # two of the three identical pages were deduplicated
+            if "--compress-default" in flags:
+                assert "co:1" in out
+            stream = tmp_path / "saved.tmem"
+            assert tmemctl(["--server", running.address, "save", "1", str(stream)]) == 0
+            assert decode_stream(stream.read_bytes()).version == version  # v0 host: 40-byte control records
     finally:
         running.process.kill()
         running.process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tze"], "--tze needs --dedup"),
+    (["--compress-default", "--dedup"], "--compress-default and --dedup exclude each other"),
+    (["--spec", "v0", "--accept-v0"], "--accept-v0 is for a v1 host"),
+    (["--memory", "2T"], "exceeds the 1 TiB limit"),
+    (["--memory", "100"], "less than one page"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_contradictory_or_bad_flags_are_one_line_usage_errors(tmp_path: Path, flags: list[str], message: str):
+    result = subprocess.run(
+        [sys.executable, "-m", "tmemcore.server", "--listen", f"unix:{tmp_path}/t.sock", *flags],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2 and result.stderr.startswith("tmemd: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "t.sock").exists()
+
+
+def test_listen_failure_names_the_address(tmp_path: Path):
+    address = f"unix:{tmp_path}/missing-dir/tmemd.sock"
+    result = subprocess.run([sys.executable, "-m", "tmemcore.server", "--listen", address],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr == f"tmemd: cannot listen on {address}: No such file or directory\n"
+
+
+def test_tmemctl_unreachable_server_names_the_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    address = f"unix:{tmp_path}/none.sock"
+    assert tmemctl(["--server", address, "list"]) == 1
+    assert capsys.readouterr().err == f"tmemctl: cannot reach tmemd at {address}: No such file or directory\n"
+
+
+@pytest.mark.parametrize("command, options", [
+    (["tmemcore.server"], ["--memory", "--accept-v0", "--spec", "--dedup", "--tze", "--compress-default",
+                           "--ready-file", "--log-level"]),
+    (["tmemcore.cli"], ["--server", "--timeout"]),
+    (["tmemcore.cli", "list"], ["--long"]),
+    (["tmemcore.cli", "save"], ["--live"]),
+    (["tmemcore.cli", "stream", "inspect"], ["--json"]),
+])
+def test_help_shows_every_default(command: list[str], options: list[str]):
+    result = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    paragraphs = {}
+    for block in re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1]):
+        if block.strip():
+            paragraphs[block.split()[0].rstrip(",")] = " ".join(block.split())
+    for option in options:
+        assert "(default: " in paragraphs[option] or "default: " in paragraphs[option], paragraphs[option]
+
+
+GUEST = """
+import sys, time
+from tmemcore import abi
+from tmemcore.wire import CLIENT_ANY, RemoteTmem
+remote = RemoteTmem(sys.argv[1], CLIENT_ANY)
+cid = remote.connect()
+flags = abi.pool_flags(persistent=False)
+assert remote.do_tmem_op(abi.new_pool_record(flags)) == 0
+assert remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 0, 5, 1), bytearray(4096)) == 1
+print(cid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_guest_loses_its_pools_and_its_id(daemon: Daemon, capsys: pytest.CaptureFixture[str]):
+    guests = [subprocess.Popen([sys.executable, "-c", GUEST, daemon.address], stdout=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        ids = sorted(int(guest.stdout.readline()) for guest in guests)  # type: ignore[union-attr]
+        assert ids == [1, 2]  # assigned by the server: distinct
+        assert tmemctl(["--server", daemon.address, "list"]) == 0
+        before = capsys.readouterr().out
+        assert "P=CI:1,PI:0" in before and "P=CI:2,PI:0" in before
+        victim = guests[0]
+        victim.kill()
+        victim.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:  # poll until the server noticed the dead connection
+            assert tmemctl(["--server", daemon.address, "list"]) == 0
+            listing = capsys.readouterr().out
+            if listing.count("P=CI:") == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert listing.count("P=CI:") == 1, listing  # the survivor keeps its pool, the dead guest's is gone
+        assert "pool(s) [0] of the closed connection" in daemon.log.read_text()
+    finally:
+        for guest in guests:
+            guest.kill()
+            guest.wait(timeout=10)

@@ -265,3 +265,115 @@ def test_random_payloads_are_answered_or_refused_as_protocol_errors(payload: byt
         return
     assert isinstance(rc, int) and (buffer is None or isinstance(buffer, bytes))
     host.check()
+
+
+# ---------------------------------------------------------------- client id assignment, pools per connection
+
+
+def test_welcome_is_classic_unless_an_id_was_assigned():
+    classic = wire.encode_welcome(0)
+    assert len(classic) == 14 and wire.decode_welcome(classic) == (0, None)  # what protocol-1 clients expect
+    assert wire.decode_welcome(wire.encode_welcome(0, 7)) == (0, 7)
+    assert wire.decode_welcome(wire.encode_welcome(-28, 0)) == (-28, 0)
+    with pytest.raises(wire.ProtocolError):
+        wire.decode_welcome(classic + b"\0")
+    assert wire.decode_hello(wire.encode_hello(wire.CLIENT_ANY)) == wire.CLIENT_ANY == 0xFFFF
+
+
+def test_any_gets_the_lowest_free_id_and_explicit_ids_are_kept(served):
+    host, server, address = served
+    explicit = RemoteTmem(address, 1)
+    first, second = RemoteTmem(address, wire.CLIENT_ANY), RemoteTmem(address, wire.CLIENT_ANY)
+    try:
+        assert first.client_id == wire.CLIENT_ANY  # not connected yet
+        assert explicit.connect() == 1 and first.connect() == 2 and second.connect() == 3
+        assert second.do_tmem_op(get_record(1), bytearray(4)) == 1
+        assert host.calls[-1][0] == 3  # the server speaks as the assigned id
+        first.close()
+        assert wait_until(lambda: server.client_ids() == {1: 1, 3: 1})
+        again = RemoteTmem(address, wire.CLIENT_ANY)
+        assert again.connect() == 2  # freed ids are reused
+        again.check()
+        again.close()
+        server.check()
+    finally:
+        for remote in (explicit, first, second):
+            remote.close()
+
+
+def test_no_free_client_id_refuses_the_connection(served, monkeypatch: pytest.MonkeyPatch):
+    _, _, address = served
+    monkeypatch.setattr(wire, "MAX_CLIENT_ID", 1)
+    with RemoteTmem(address, wire.CLIENT_ANY) as first:
+        assert first.connect() == 1
+        with pytest.raises(ConnectionRefusedError, match="refused client any"):
+            RemoteTmem(address, wire.CLIENT_ANY).connect()
+
+
+def test_asking_an_old_server_for_any_id_is_a_clear_error():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def old_server() -> None:  # protocol 1 as it was: always the 14-byte welcome
+            conn, _ = listener.accept()
+            with conn:
+                wire.recv_frame(conn)
+                wire.send_frame(conn, wire.encode_welcome(0))
+
+        thread = threading.Thread(target=old_server)
+        thread.start()
+        with pytest.raises(wire.ProtocolError, match="cannot assign client ids"):
+            RemoteTmem(f"tcp:127.0.0.1:{port}", wire.CLIENT_ANY, timeout=5).connect()
+        thread.join(10)
+
+
+def test_a_closed_connection_destroys_exactly_the_pools_it_created(tmp_path: Path):
+    from tmemcore.tmem import Tmem
+
+    host = Tmem(memory_pages=64, accept_v0=True)
+    server = TmemServer(host, f"unix:{tmp_path}/s.sock")
+    address = server.start()
+    try:
+        v1 = RemoteTmem(address, 5)
+        v0 = RemoteTmem(address, 6)
+        for remote, version in ((v1, abi.SPEC_V1), (v1, abi.SPEC_V1), (v0, abi.SPEC_V0)):
+            assert remote.do_tmem_op(abi.new_pool_record(abi.pool_flags(version=version), version=version)) >= 0
+        assert v1.do_tmem_op(abi.gen_record(abi.TMEM_DESTROY_POOL, 0, 0, 0)) == 1  # its own destroy is tracked
+        assert v1.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, 1, 9, 9), bytearray(abi.PAGE_SIZE)) == 1
+        v1.close()
+        v0.close()
+
+        def pools(cid: int) -> list[int]:
+            return [slot for slot, pool in enumerate(host.clients[cid].pools) if pool is not None]
+
+        assert wait_until(lambda: pools(5) == [] and pools(6) == [] and server.client_ids() == {})
+        assert host.npages == 0
+        host.check()
+    finally:
+        server.stop()
+
+
+def test_guest_tracks_new_and_destroyed_pools():
+    from tmemcore.server import Guest
+    from tmemcore.tmem import Tmem
+
+    guest = Guest(Tmem(memory_pages=8, accept_v0=True), 3)
+    new_v0 = wire.encode_request(abi.new_pool_record(abi.pool_flags(version=0), version=0), None)
+    wire.decode_response(guest.answer(new_v0))
+    wire.decode_response(guest.answer(new_v0))
+    assert guest.pools == {0: abi.SPEC_V0, 1: abi.SPEC_V0}
+    wire.decode_response(guest.answer(wire.encode_request(abi.gen_record(abi.TMEM_DESTROY_POOL, 0, 0, 0, 0), None)))
+    assert guest.pools == {1: abi.SPEC_V0}
+    guest.check()
+    assert guest.destroy_pools() == [1] and guest.pools == {}
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()

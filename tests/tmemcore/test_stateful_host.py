@@ -56,7 +56,12 @@ class HostMachine(RuleBasedStateMachine):
         try:
             stored = pool.put(key[0], key[1], content(fill))
         except Frozen:
-            assert key not in self.model[ident] or not self.tmem.client(cid).frozen
+            # refused only as a new put: the page is not there (the model may still list an
+            # ephemeral page that eviction or relinquish took: it is then known to be gone)
+            owner = self.tmem.client(cid).pools[slot].client  # Xen: pool->client, the owner
+            assert owner.frozen and not self._still_there(ident, key)
+            assert self.persistent[ident] is False or key not in self.model[ident]
+            self.model[ident].pop(key, None)
             return
         if stored:
             self.model[ident][key] = fill
