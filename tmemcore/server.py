@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trailing-zero elimination of deduplicated pages (default: off; needs --dedup)")
     parser.add_argument("--compress-default", action="store_true",
                         help="new clients compress their pages (default: off; not with --dedup)")
+    parser.add_argument("--store", default="memory",
+                        help="where ephemeral page bytes live: memory, or memcached://HOST:PORT "
+                        "(a lost page is a miss; not with --dedup) (default: %(default)s)")
     parser.add_argument("--ready-file", type=Path,
                         help="write the bound address here once listening (default: none)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -347,7 +350,8 @@ def build_host(args: argparse.Namespace) -> Any:
         raise UsageError(f"--memory {args.memory} is less than one page ({abi.PAGE_SIZE} bytes)")
     return Tmem(memory_pages=pages, accept_v0=args.accept_v0,
                 spec_version=abi.SPEC_V0 if args.spec == "v0" else abi.SPEC_V1,
-                dedup=args.dedup, tze=args.tze, compress=args.compress_default)
+                dedup=args.dedup, tze=args.tze, compress=args.compress_default,
+                store=args.store)
 
 
 def write_ready_file(path: Path, address: str) -> None:

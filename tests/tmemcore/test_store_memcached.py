@@ -234,3 +234,45 @@ def test_missing_pymemcache_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "pymemcache.client.base", None)  # import now fails
     with pytest.raises(InvalidArgument, match="needs pymemcache"):
         Tmem(memory_pages=4, store="memcached://127.0.0.1:1")
+
+
+def test_tmemd_keeps_ephemeral_pages_in_memcached(memcached: Memcached, tmp_path) -> None:
+    """`tmemd --store memcached://...`: a remote guest's pages live in the real memcached."""
+    import sys
+
+    from tmemcore.wire import RemoteTmem
+
+    ready = tmp_path / "ready"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0", "--memory", "1M",
+         "--store", memcached.url, "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + START_DEADLINE
+        while not ready.exists():  # poll the ready file with a deadline
+            assert daemon.poll() is None and time.monotonic() < deadline, "tmemd did not start"
+            time.sleep(0.02)
+        client = pymemcache.client.base.Client(("127.0.0.1", memcached.port))
+        with RemoteTmem(ready.read_text().strip(), 1) as remote:
+            pool = remote.do_tmem_op(abi.new_pool_record(abi.pool_flags()))
+            assert remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, pool, 7, 0), bytearray(pg(0x5A))) == 1
+            assert int(client.stats()[b"curr_items"]) == 1  # the bytes went to memcached, not tmemd's RAM
+            frame = bytearray(PAGE)
+            assert remote.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, pool, 7, 0), frame) == 1
+            assert bytes(frame) == pg(0x5A)
+            memcached.kill()  # the store dies: a put still "succeeds", a get is a miss, never an error
+            assert remote.do_tmem_op(abi.gen_record(abi.TMEM_PUT_PAGE, pool, 8, 0), bytearray(pg(1))) == 1
+            assert remote.do_tmem_op(abi.gen_record(abi.TMEM_GET_PAGE, pool, 8, 0), bytearray(PAGE)) == 0
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+
+
+def test_tmemd_refuses_a_bad_store() -> None:
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0",
+                           "--store", "redis://nowhere"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("tmemd: store must be") and "Traceback" not in done.stderr
