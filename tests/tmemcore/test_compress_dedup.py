@@ -6,7 +6,7 @@ import errno
 import os
 
 import pytest
-from conftest import ctrl
+from tmemtest import ctrl
 
 from tmemcore import Tmem, abi
 from tmemcore.dedup import TZE_MAX_SIZE, tze_trim

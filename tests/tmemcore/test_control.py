@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import struct
 
-from conftest import PAGE, ctrl, gen, get, new_pool, page, put
+from tmemtest import PAGE, ctrl, gen, get, new_pool, page, put
 
 from tmemcore import Tmem, abi
 from tmemcore.errors import EFROZEN

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tmemcore import Tmem, abi
 
-from conftest import gen, page
+from tmemtest import gen, page
 
 PAGE = abi.PAGE_SIZE
 OPS = st.lists(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 
-from conftest import PAGE, gen, get, new_pool, page, put
+from tmemtest import PAGE, gen, get, new_pool, page, put
 
 from tmemcore import Tmem, abi
 from tmemcore.errors import EEMPTY, EFROZEN

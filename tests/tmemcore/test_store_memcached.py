@@ -20,7 +20,7 @@ from tmemcore import Tmem, abi
 from tmemcore.errors import InvalidArgument
 from tmemcore.store import MemcachedPages, RemotePage
 
-from conftest import gen, page
+from tmemtest import gen, page
 
 pymemcache = pytest.importorskip("pymemcache", reason="the memcached store needs pymemcache (extra 'memcached')")
 MEMCACHED = shutil.which("memcached") or ("/usr/bin/memcached" if shutil.which("/usr/bin/memcached") else None)

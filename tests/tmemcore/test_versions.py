@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from conftest import gen, get, new_pool, put
+from tmemtest import gen, get, new_pool, put
 
 from tmemcore import Tmem, abi
 

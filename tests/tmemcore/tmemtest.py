@@ -1,4 +1,4 @@
-"""Shared helpers for the tmemcore host tests: raw records and guest pages."""
+"""Shared helpers for the tmemcore host tests: raw records and guest pages (imported as `tmemtest`)."""
 
 from __future__ import annotations
 
