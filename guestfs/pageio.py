@@ -162,6 +162,11 @@ class PageIO:
 
         ``pages[wanted:]`` are read-ahead pages: cached, not returned.
         """
+        if len(pages) == 1:  # a random read's miss: no runs to look for
+            data = pread_full(fd, PAGE_SIZE, first << PAGE_SHIFT)
+            pages[0] = data
+            self._cache_loaded(key, state, generation, [(first, data)] if data else [], 1, len(data), 0)
+            return
         loaded: list[tuple[int, bytes]] = []
         preads = bytes_read = 0
         position = 0
@@ -182,10 +187,23 @@ class PageIO:
                 if chunk:
                     loaded.append((first + slot, chunk))
             position = run_end
+        self._cache_loaded(key, state, generation, loaded, preads, bytes_read, len(pages) - wanted)
+
+    def _cache_loaded(
+        self,
+        key: FileKey,
+        state: _FileState,
+        generation: int,
+        loaded: list[tuple[int, bytes]],
+        preads: int,
+        bytes_read: int,
+        readahead: int,
+    ) -> None:
+        """Count the backing reads and cache what they loaded, unless the file changed meanwhile."""
         with self._lock:
             self.backing_reads += preads
             self.backing_bytes_read += bytes_read
-            self.readahead_loaded += len(pages) - wanted
+            self.readahead_loaded += readahead
             if self._files.get(key) is not state or state.generation != generation:
                 self.stale_inserts_refused += len(loaded)
                 return
