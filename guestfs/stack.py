@@ -28,15 +28,11 @@ from tmemcore.abi import SPEC_V0, SPEC_V1
 
 from .cleancache import ABIS, FOLDS, CleanCache
 from .pageio import PageIO
-from .transport import InProcessTransport, Transport
+from .transport import InProcessTransport, ServerUnreachable, SocketTransport, Transport
 
 HOST_SPECS = ("v0", "v1", "both", "auto")
 EMBEDDED_CLIENT_ID = 1
 SERVER_TIMEOUT = 2.0  # seconds per request to a tmemd (connect included)
-
-
-class ServerUnreachable(ConnectionError):
-    """The tmemd named by ``server`` cannot be reached; the message is one line naming its address."""
 
 
 @dataclass
@@ -85,7 +81,7 @@ class Stack:
     @property
     def client_id(self) -> int:
         """The tmem client id this guest speaks as (assigned by the tmemd when asked for any)."""
-        if isinstance(self.transport, ServerTransport):
+        if isinstance(self.transport, SocketTransport):
             return self.transport.client_id
         return self.config.client_id or EMBEDDED_CLIENT_ID
 
@@ -119,36 +115,9 @@ def embedded_host(config: StackConfig) -> tmemcore.Tmem:
     return tmemcore.Tmem(config.tmem_pages, spec_version=version, compress=config.compress)
 
 
-class ServerTransport:
-    """A tmemd reached through ``tmemcore.wire.RemoteTmem``, connected when built.
-
-    Like ``guestfs.transport.SocketTransport``, but it connects at once (so an unreachable
-    server is an error before the mount, not a passthrough after it) and knows the client id
-    the server assigned. Transport failures propagate as ``OSError`` from ``call``.
-    """
-
-    def __init__(self, address: str, client_id: int | None, timeout: float = SERVER_TIMEOUT) -> None:
-        from tmemcore.wire import CLIENT_ANY, RemoteTmem, unreachable
-
-        self.address = address
-        self.remote = RemoteTmem(address, CLIENT_ANY if client_id is None else client_id, timeout)
-        try:
-            self.remote.connect()
-        except OSError as exc:
-            raise ServerUnreachable(unreachable(address, exc)) from exc
-        self.call = self.remote.do_tmem_op  # the hot path: no frame of ours per hypercall
-
-    @property
-    def client_id(self) -> int:
-        return self.remote.client_id
-
-    def close(self) -> None:
-        self.remote.close()
-
-
 def probe_server(address: str, client_id: int | None = None, timeout: float = SERVER_TIMEOUT) -> None:
     """Connect to the tmemd at ``address`` and hang up; ServerUnreachable (one line) if that fails."""
-    ServerTransport(address, client_id, timeout).close()
+    SocketTransport(address, client_id, timeout).close()
 
 
 def build_stack(config: StackConfig) -> Stack:
@@ -162,7 +131,7 @@ def build_stack(config: StackConfig) -> Stack:
         tmem = embedded_host(config)
         transport = InProcessTransport(tmem, config.client_id or EMBEDDED_CLIENT_ID)
     else:
-        transport = ServerTransport(config.server, config.client_id)
+        transport = SocketTransport(config.server, config.client_id, SERVER_TIMEOUT)
     cleancache = CleanCache(transport, abi=config.abi, fold=config.fold, max_tracked_pages=max(4 * config.tmem_pages, 1024))
     cleancache.init_fs()
     pageio = PageIO(config.page_cache_pages, cleancache, readahead_pages=config.readahead_pages)

@@ -7,7 +7,8 @@ TimeoutError, ...) only when the transport itself failed; the cleancache fronten
 into a miss and switches itself off (it can no longer prove its flushes reached the host).
 
 ``InProcessTransport``  calls ``tmemcore.Tmem.do_tmem_op`` directly (the embedded host).
-``SocketTransport``     talks to a ``tmemd`` server through ``tmemcore.wire.RemoteTmem``.
+``SocketTransport``     talks to a ``tmemd`` server through ``tmemcore.wire.RemoteTmem``
+                        (connected when built; ``ServerUnreachable`` if it cannot be).
 ``NullTransport``       no host at all: every op answers -ENODEV, so NEW_POOL fails and the
                         frontend runs as plain passthrough (the baseline).
 """
@@ -46,19 +47,33 @@ class InProcessTransport:
         """Nothing to release: the host belongs to whoever built it."""
 
 
-class SocketTransport:
-    """A remote host (``tmemd``) at ``tcp:HOST:PORT`` or ``unix:PATH``.
+class ServerUnreachable(ConnectionError):
+    """The tmemd at an address cannot be reached; the message is one line naming the address."""
 
-    Transport failures propagate as ``OSError`` from ``call`` and are counted in ``errors``.
+
+class SocketTransport:
+    """A remote host (``tmemd``) at ``tcp:HOST:PORT`` or ``unix:PATH``, connected when built.
+
+    Connecting at once makes an unreachable server an error before a mount (``ServerUnreachable``),
+    not a silent passthrough after it. ``client_id=None`` asks the server to assign the lowest
+    free id (``tmemcore.wire.CLIENT_ANY``); ``client_id`` then reports the assigned one. Transport
+    failures later propagate as ``OSError`` from ``call`` and are counted in ``errors``.
     """
 
-    def __init__(self, address: str, client_id: int = 1, timeout: float = 2.0) -> None:
-        from tmemcore.wire import RemoteTmem  # lazily: the wire module is only needed here
+    def __init__(self, address: str, client_id: int | None = None, timeout: float = 2.0) -> None:
+        from tmemcore.wire import CLIENT_ANY, RemoteTmem, unreachable  # lazily: only needed here
 
         self.address = address
-        self.client_id = client_id
         self.errors = 0
-        self._remote = RemoteTmem(address, client_id, timeout)
+        self._remote = RemoteTmem(address, CLIENT_ANY if client_id is None else client_id, timeout)
+        try:
+            self._remote.connect()
+        except OSError as exc:
+            raise ServerUnreachable(unreachable(address, exc)) from exc
+
+    @property
+    def client_id(self) -> int:
+        return self._remote.client_id
 
     def call(self, op: bytes, page: bytearray | None = None) -> int:
         try:
