@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Print keying mode, ABI, hit/miss and tmem counters of a live mount.")
     stats.add_argument("mountpoint", metavar="MOUNTPOINT")
     stats.add_argument("--json", action="store_true", help="print raw JSON (default: text)")
+    stats.add_argument("--all", action="store_true",
+                       help="after the summary, list every counter, host counters included (default: summary only)")
 
     for name in _DELEGATES:
         commands.add_parser(name, help=_DELEGATE_HELP[name], add_help=False)
@@ -222,19 +224,58 @@ def run_stats(args: argparse.Namespace) -> int:
         stats = mounting.read_stats(args.mountpoint)
     except mounting.MountError as exc:
         return _fail(f"guestfs stats: {exc}")
-    print(json.dumps(stats, indent=2, sort_keys=True) if args.json else format_stats(stats))
+    print(json.dumps(stats, indent=2, sort_keys=True) if args.json else format_stats(stats, args.all))
     return 0
 
 
-def format_stats(stats: dict[str, Any]) -> str:
-    """Human-readable stats: the headline numbers first, then every counter."""
+# The summary: (heading, [(label, counter name)]); names are Stack.stats() keys, Linux's and Xen's where
+# they exist. A counter missing from a mount's stats is left out rather than shown as 0.
+SUMMARY: list[tuple[str, list[tuple[str, str]]]] = [
+    ("first-chance page cache", [("hits", "page_cache_hits"), ("misses", "page_cache_misses"),
+                                 ("evictions (puts to tmem)", "page_cache_evictions"),
+                                 ("pages held", "page_cache_pages"), ("capacity (pages)", "page_cache_capacity")]),
+    ("cleancache (Linux names)", [("succ_gets", "succ_gets"), ("failed_gets", "failed_gets"), ("puts", "puts"),
+                                  ("invalidates", "invalidates")]),
+    ("keying", [("v0 fold collisions", "fold_collisions"), ("v1 oid collisions", "oid_collisions"),
+                ("transport errors", "transport_errors")]),
+    ("backing store", [("reads", "backing_reads"), ("bytes read", "backing_bytes_read"),
+                       ("bytes written", "bytes_written")]),
+]
+POOL_COUNTERS = ("pgp_count", "good_puts", "puts", "found_gets", "gets", "flushs_found", "flushs",
+                 "flush_objs", "dup_puts_replaced", "dup_puts_flushed", "no_mem_puts")
+
+
+def format_stats(stats: dict[str, Any], everything: bool = False) -> str:
+    """Human-readable stats: keying mode, then the headline counters by layer, then (``everything``)
+    every counter flattened as ``a.b.c``."""
     mode = stats.get("mode", "?")
     requested = f" (requested --abi {stats['abi']})" if "abi" in stats else ""
-    lines = [f"keying/ABI: {mode}{requested}", ""]
-    flat = _flatten(stats)
-    width = max((len(name) for name in flat), default=0)
-    lines += [f"{name:<{width}}  {value}" for name, value in flat.items()]
+    client = f", client {stats['client_id']}" if "client_id" in stats else ""
+    host = f", host {stats['server']}" if stats.get("server") else ", embedded host" if "host" in stats else ""
+    lines = [f"keying/ABI: {mode}{requested}{client}{host}"]
+    if stats.get("disabled_reason"):
+        lines.append(f"tmem off: {stats['disabled_reason']}")
+    for heading, rows in SUMMARY + _pool_rows(stats):
+        present = [(label, stats.get(name, "-") if isinstance(name, str) else name) for label, name in rows
+                   if not isinstance(name, str) or name in stats]
+        if present:
+            lines += ["", heading] + [f"  {label:<26} {value}" for label, value in present]
+    if everything:
+        flat = _flatten(stats)
+        width = max((len(name) for name in flat), default=0)
+        lines += ["", "all counters"] + [f"  {name:<{width}}  {value}" for name, value in flat.items()]
     return "\n".join(lines)
+
+
+def _pool_rows(stats: dict[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
+    """This guest's tmem pool counters (Xen's names), when the host is embedded."""
+    host = stats.get("host") or {}
+    client = next((c for c in host.get("clients", []) if c.get("cli_id") == stats.get("client_id")), None)
+    pool = next((p for p in (client or {}).get("pools", []) if p.get("pool_id") == stats.get("pool_id")), None)
+    if pool is None:
+        return []
+    return [(f"tmem pool {pool['pool_id']} ({pool.get('type', '?')})",
+             [(name, pool[name]) for name in POOL_COUNTERS if name in pool])]
 
 
 def _flatten(stats: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -242,6 +283,9 @@ def _flatten(stats: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for name, value in sorted(stats.items()):
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{name}."))
+        elif isinstance(value, list) and all(isinstance(item, dict) for item in value):
+            for number, item in enumerate(value):
+                flat.update(_flatten(item, f"{prefix}{name}[{number}]."))
         else:
             flat[f"{prefix}{name}"] = value
     return flat

@@ -122,6 +122,22 @@ def test_delegate_passes_remaining_argv(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def test_format_stats_flattens_nested_counters() -> None:
-    text = cli.format_stats({"mode": "v1", "succ_gets": 2, "host": {"pools": 1}})
-    assert text.splitlines()[0] == "keying/ABI: v1"
+    text = cli.format_stats({"mode": "v1", "succ_gets": 2, "host": {"pools": 1, "clients": [{"cli_id": 1}]}},
+                            everything=True)
+    assert text.splitlines()[0] == "keying/ABI: v1, embedded host"
     assert any(line.split() == ["host.pools", "1"] for line in text.splitlines())
+    assert any(line.split() == ["host.clients[0].cli_id", "1"] for line in text.splitlines())
+
+
+def test_format_stats_summary_names_layers_and_this_guests_pool() -> None:
+    stats = {"mode": "v0-ino", "abi": "auto", "client_id": 3, "pool_id": 0, "succ_gets": 5, "failed_gets": 7,
+             "puts": 9, "invalidates": 1, "fold_collisions": 2, "page_cache_hits": 11, "backing_bytes_read": 4096,
+             "host": {"clients": [{"cli_id": 3, "pools": [{"pool_id": 0, "type": "EP", "found_gets": 5, "gets": 12}]}]}}
+    text = cli.format_stats(stats)
+    assert text.splitlines()[0] == "keying/ABI: v0-ino (requested --abi auto), client 3, embedded host"
+    words = [line.split() for line in text.splitlines()]
+    for expected in (["succ_gets", "5"], ["failed_gets", "7"], ["puts", "9"], ["invalidates", "1"],
+                     ["v0", "fold", "collisions", "2"], ["hits", "11"], ["bytes", "read", "4096"],
+                     ["found_gets", "5"], ["gets", "12"]):
+        assert expected in words
+    assert "all counters" not in text
