@@ -5,6 +5,12 @@ One private ephemeral tmem pool per backing filesystem: ``init_fs`` sends NEW_PO
 ``invalidate_page``/``invalidate_inode`` send FLUSH_PAGE/FLUSH_OBJECT. A put always
 "succeeds" (the host may drop it); a get returns ``bytes`` or ``None``.
 
+Page frames: a get lands in the frontend's reusable 4096-byte ``bytearray`` and is copied out as
+``bytes``. A put of a full ``bytes`` page hands that page itself to the transport as the frame:
+it is immutable, so the host may keep it without the copy a reused frame needs (the in-process
+host does; ``tmemd``'s wire sends its bytes as before). Shorter or mutable pages are copied,
+zero-padded, into the reusable frame.
+
 ABI (``abi``):
 
 ``v1``    56-byte records; the wire oid is the key's 192-bit oid (Linux's filekey words).
@@ -69,6 +75,8 @@ FOLDS = ("xxh64", "ino")
 MAX_INDEX = 0xFFFF_FFFF  # the record's index is a u32; Linux skipped pages beyond it
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _U32 = struct.Struct("<I")
+_pack_index = _U32.pack  # bound once: the hot paths splice an index into every GET/PUT record
+_NO_INDEXES: frozenset[int] = frozenset()
 
 
 def _field_offset(cmd: int, index: int, version: int) -> int:
@@ -188,15 +196,20 @@ class CleanCache:
     def get_page(self, key: FileKey, index: int) -> bytes | None:
         """The page's 4096 bytes from tmem (removing it: private gets are exclusive), or None."""
         obj = self._objects.get(key)
-        if obj is None or index not in obj.indexes:
+        indexes = obj.indexes if obj is not None else _NO_INDEXES
+        if index not in indexes:
             if self._pool_id >= 0:  # active (the property costs a frame on this hot path)
                 self.failed_gets += 1
                 self.gets_skipped += 1
             return None
-        self._untrack(key, obj, index)
+        indexes.discard(index)  # _untrack, inlined (hot path): a private get is exclusive, hit or miss
+        self._tracked -= 1
+        if not indexes:
+            del self._objects[key]
+            del self._owners[obj.wire_oid]
         page = self._page
         try:
-            rc = self.transport.call(obj.get_head + _U32.pack(index) + obj.tail, page)
+            rc = self.transport.call(obj.get_head + _pack_index(index) + obj.tail, page)
         except OSError as exc:
             rc = self._transport_failed(exc)
         if rc == 1:
@@ -259,17 +272,18 @@ class CleanCache:
             self.index_overflows += 1
             self.puts_dropped += 1
             return
-        page = self._page
-        if size == PAGE_SIZE:
-            page[:] = data
+        if size == PAGE_SIZE and type(data) is bytes:
+            page: bytes | bytearray = data  # immutable: the host may keep it as is, no frame copy
         else:
+            page = self._page
             page[:size] = data
             page[size:] = _ZERO_PAGE[size:]
-        if index not in obj.indexes:
-            obj.indexes.add(index)
+        indexes = obj.indexes
+        if index not in indexes:
+            indexes.add(index)
             self._tracked += 1
         try:
-            rc = self.transport.call(obj.put_head + _U32.pack(index) + obj.tail, page)
+            rc = self.transport.call(obj.put_head + _pack_index(index) + obj.tail, page)
         except OSError as exc:
             rc = self._transport_failed(exc)
         if rc != 1:
@@ -279,21 +293,20 @@ class CleanCache:
 
     def put_pages(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
         """``put_page`` of each ``(index, page)`` in order, with the per-run lookups done once."""
-        objects, page, pack = self._objects, self._page, _U32.pack
+        objects, pack = self._objects, _U32.pack
         call = self.transport.call
         for index, data in pages:
             obj = objects.get(key)
-            if obj is None or len(data) != PAGE_SIZE or index > MAX_INDEX:  # claim, pad, refuse: the general path
-                self.put_page(key, index, data)
+            if obj is None or type(data) is not bytes or len(data) != PAGE_SIZE or index > MAX_INDEX:
+                self.put_page(key, index, data)  # claim, copy, pad, refuse: the general path
                 continue
             self.puts += 1
-            page[:] = data
             tracked = obj.indexes
             if index not in tracked:
                 tracked.add(index)
                 self._tracked += 1
             try:
-                rc = call(obj.put_head + pack(index) + obj.tail, page)
+                rc = call(obj.put_head + pack(index) + obj.tail, data)  # immutable: no frame copy
             except OSError as exc:
                 rc = self._transport_failed(exc)
             if rc != 1:

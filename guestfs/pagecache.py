@@ -60,16 +60,24 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         self.hits = 0
         self.misses = 0
         self.evictions = 0
-        # Views of cachetools' own storage for the lookup hit paths, only read or reordered (one C-level
-        # dict get and one move_to_end per page instead of four Python frames). Inserts and deletes still
-        # go through cachetools' public methods, so its size accounting and the popitem hook stay its.
+        # Views of cachetools' own storage (its page dict and recency OrderedDict). The lookup hit paths
+        # only read or reorder them (one C-level dict get and one move_to_end per page instead of four
+        # Python frames). The two hot mutations -- storing a new page (``_store``) and evicting the
+        # oldest (``popitem``) -- do exactly what LRUCache.__setitem__/popitem do to these two dicts and
+        # its size counter, without their Python frames (measured: ~10 % of a lab replay); every other
+        # insert or delete goes through cachetools' public methods. Eviction still happens only in
+        # ``popitem``, and check() asserts the size counter matches. _lru_internals refuses a
+        # cachetools whose internals differ.
         self._pages, self._order = _lru_internals(self)
+        self._capacity = pages  # == maxsize (cachetools keeps it private too)
 
     def popitem(self) -> tuple[int, bytes]:
         """The one eviction hook: drop the least recently used page and offer it to tmem."""
-        page_key = next(iter(self._order))  # what LRUCache.popitem picks, without its two extra frames
-        data = self._pages[page_key]
-        del self[page_key]
+        # What LRUCache.popitem + __delitem__ do (its oldest key out of its order and data dicts,
+        # its size counter down), as three C calls instead of five Python frames.
+        page_key, _ = self._order.popitem(last=False)
+        data = self._pages.pop(page_key)
+        self._Cache__currsize -= 1
         file_id, index = page_key >> _INDEX_BITS, page_key & _INDEX_MASK
         key = self._keys[file_id]
         indexes = self._indexes[file_id]  # _forget_index, inlined (hot path)
@@ -158,9 +166,19 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
 
     def get_or_load(self, key: FileKey, index: int, loader: Callable[[], bytes]) -> tuple[bytes, str]:
         """(page, "page-cache" | "tmem" | "backing"): first-chance, then tmem, then ``loader()``."""
-        data, where = self.lookup(key, index)
+        file_id = self._ids.get(key)  # lookup, inlined (the lab replays every request through here)
+        if file_id is not None:
+            page_key = file_id << _INDEX_BITS | index
+            data = self._pages.get(page_key)
+            if data is not None:
+                self._order.move_to_end(page_key)
+                self.hits += 1
+                return data, "page-cache"
+        self.misses += 1
+        data = self.cleancache.get_page(key, index)
         if data is not None:
-            return data, where
+            self._store(key, index, data)
+            return data, "tmem"
         data = loader()
         self.insert(key, index, data)
         return data, "backing"
@@ -288,9 +306,19 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
             self._ids[key] = file_id
             self._keys[file_id] = key
             self._indexes[file_id] = set()
-        indexes = self._indexes[file_id]
-        indexes.add(index)  # before the insert: an eviction it causes must not drop this file's id
-        self[file_id << _INDEX_BITS | index] = data  # may evict through popitem first
+        self._indexes[file_id].add(index)  # before the insert: an eviction it causes must not drop this file's id
+        page_key = file_id << _INDEX_BITS | index
+        pages = self._pages
+        if page_key in pages:  # a replacement: no eviction, cachetools does it
+            self[page_key] = data
+            return
+        # A new page: what LRUCache.__setitem__ does (evict through popitem while full, store,
+        # append to the recency order, count), without its two Python frames.
+        while len(pages) >= self._capacity:
+            self.popitem()
+        pages[page_key] = data
+        self._order[page_key] = None
+        self._Cache__currsize += 1
 
     def _forget_index(self, file_id: int, index: int) -> None:
         indexes = self._indexes[file_id]
@@ -301,9 +329,12 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
 
 
 def _lru_internals(cache: LRUCache) -> tuple[dict[int, bytes], OrderedDict[int, None]]:  # type: ignore[type-arg]
-    """cachetools' page dict and recency order (name-mangled since cachetools 4; checked here once)."""
+    """cachetools' page dict and recency order (name-mangled since cachetools 4; checked here once,
+    with the unsized mode -- no per-item sizes, an int item counter -- that ``_store``/``popitem`` update)."""
     pages = getattr(cache, "_Cache__data", None)
     order = getattr(cache, "_LRUCache__order", None)
-    if type(pages) is not dict or type(order) is not OrderedDict:
+    sized = getattr(cache, "_Cache__size", ())  # None: every item counts 1 (no getsizeof)
+    if type(pages) is not dict or type(order) is not OrderedDict or sized is not None \
+            or type(getattr(cache, "_Cache__currsize", None)) is not int:
         raise RuntimeError(f"unsupported cachetools {cachetools.__version__}: LRUCache internals changed")
     return pages, order

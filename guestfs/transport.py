@@ -1,7 +1,8 @@
 """Transports: how the guest's tmem_op records reach a host (the frontend/backend split).
 
 A transport carries one raw record (56-byte v1 or 40-byte v0, built with ``tmemcore.abi``)
-plus, for puts and gets, one 4096-byte page buffer, and returns the host's integer result
+plus, for puts and gets, one 4096-byte page buffer (a ``bytearray``; a put may also pass an
+immutable ``bytes`` page, which the host may keep without copying), and returns the host's integer result
 (1 hit/success, 0 miss, negative errno). ``call`` raises ``OSError`` (ConnectionError,
 TimeoutError, ...) only when the transport itself failed; the cleancache frontend turns that
 into a miss and switches itself off (it can no longer prove its flushes reached the host).
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class Transport(Protocol):
-    def call(self, op: bytes, page: bytearray | None = None) -> int: ...
+    def call(self, op: bytes, page: bytearray | bytes | None = None) -> int: ...
 
     def close(self) -> None: ...
 
@@ -75,7 +76,7 @@ class SocketTransport:
     def client_id(self) -> int:
         return self._remote.client_id
 
-    def call(self, op: bytes, page: bytearray | None = None) -> int:
+    def call(self, op: bytes, page: bytearray | bytes | None = None) -> int:
         try:
             return self._remote.do_tmem_op(op, page)
         except OSError:
@@ -92,7 +93,7 @@ class NullTransport:
     def __init__(self) -> None:
         self.calls = 0
 
-    def call(self, op: bytes, page: bytearray | None = None) -> int:
+    def call(self, op: bytes, page: bytearray | bytes | None = None) -> int:
         self.calls += 1
         return -errno.ENODEV
 
@@ -115,7 +116,7 @@ class MockTransport:
         self.ops: dict[str, int] = {}
         self.calls = 0
 
-    def call(self, op: bytes, page: bytearray | None = None) -> int:
+    def call(self, op: bytes, page: bytearray | bytes | None = None) -> int:
         from tmemcore import abi
 
         self.calls += 1

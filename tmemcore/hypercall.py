@@ -78,7 +78,8 @@ DoTmemOp = Callable[..., int]
 
 def fast_entry(hypercall: "Hypercall") -> DoTmemOp:
     """``Tmem.do_tmem_op``: a full-page PUT or GET (a bytes record of the client's length, a
-    4096-byte bytearray frame, an existing pool, an enabled host) is answered here; anything
+    4096-byte frame -- a bytearray, or for a PUT also an immutable ``bytes`` page, which is
+    stored without a copy -- an existing pool, an enabled host) is answered here; anything
     else, and every case this path does not recognize, goes to ``Hypercall._run_general``
     (full validation, same counters). What it needs per call is bound once as closure
     cells, the cheapest lookups CPython has: the guest's FUSE read path makes two of these
@@ -94,8 +95,9 @@ def fast_entry(hypercall: "Hypercall") -> DoTmemOp:
         acquire()
         try:
             client = clients_get(client_id) if type(client_id) is int else None
+            frame = type(page)
             if (
-                client is None or type(op) is not bytes or type(page) is not bytearray
+                client is None or type(op) is not bytes or (frame is not bytearray and frame is not bytes)
                 or len(op) != client.record_size or len(page) != PAGE_SIZE or not host.enabled
             ):
                 return general(client_id, op, page)
@@ -113,9 +115,11 @@ def fast_entry(hypercall: "Hypercall") -> DoTmemOp:
             try:
                 if cmd == TMEM_PUT_PAGE and oid < oid_limit:
                     hypercall.total_tmem_ops += 1
-                    pool.put(client, oid, index, bytes(page))  # a copy: the guest reuses its frame
+                    # A bytearray frame is copied (the guest reuses it); an immutable bytes frame is
+                    # kept as is: it cannot change, so holding it is the same as holding a copy.
+                    pool.put(client, oid, index, page if frame is bytes else bytes(page))
                     return 1
-                if cmd == TMEM_GET_PAGE and pool.npages:
+                if cmd == TMEM_GET_PAGE and pool.npages and frame is bytearray:
                     hypercall.total_tmem_ops += 1
                     got = pool.get(client, oid, index)
                     if got is None:
@@ -304,7 +308,9 @@ def _check_range(toff: int, poff: int, length: int) -> None:
 
 
 def _read_page(page: bytearray | memoryview | bytes | None) -> bytes:
-    """The caller's frame as bytes (a copy: the guest may reuse its buffer)."""
+    """The caller's frame as bytes (a copy: the guest may reuse its buffer; immutable bytes are kept)."""
+    if type(page) is bytes and len(page) == PAGE_SIZE:
+        return page
     if type(page) is bytearray and len(page) == PAGE_SIZE:
         return bytes(page)
     if isinstance(page, (bytes, bytearray, memoryview)):
