@@ -93,3 +93,31 @@ def test_disabling_the_host_is_seen_by_an_entry_bound_earlier() -> None:
     t.enabled = True
     assert call(gen(abi.TMEM_PUT_PAGE, 0, 1, 1), page(1)) == 1
     t.check()
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=OPS, pages=st.integers(1, 6), general=st.booleans(), feature=st.sampled_from(["plain", "compress", "dedup"]))
+def test_a_bytes_frame_put_is_a_bytearray_frame_put(ops: list[tuple[int, int, int, int, int]], pages: int,
+                                                    general: bool, feature: str) -> None:
+    """The guest may hand a put an immutable ``bytes`` page, which the host keeps without a copy:
+    return codes, later gets and every counter equal those of a ``bytearray`` frame, on the fast
+    and the general path, with and without compression or dedup (the codec paths)."""
+    options = {"plain": {}, "compress": {"compress": True}, "dedup": {"dedup": True, "tze": True}}[feature]
+    hosts, entries = [], []
+    for _ in range(2):
+        tmem = Tmem(memory_pages=pages, **options)
+        entry = tmem.hypercall.do_tmem_op if general else tmem.do_tmem_op
+        assert entry(1, abi.new_pool_record(abi.pool_flags())) == 0
+        hosts.append(tmem)
+        entries.append(entry)
+    for cmd, pool_id, oid, index, fill in ops:
+        record = gen(cmd, pool_id, oid, index)
+        if cmd == abi.TMEM_PUT_PAGE:
+            frames = [bytes(page(fill)), page(fill)]
+        else:
+            frames = [page(fill), page(fill)]
+        assert entries[0](1, record, frames[0]) == entries[1](1, record, frames[1])
+        assert bytes(frames[0]) == bytes(frames[1])
+        assert hosts[0].stats() == hosts[1].stats()
+    for tmem in hosts:
+        tmem.check()
