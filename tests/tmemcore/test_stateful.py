@@ -21,7 +21,7 @@ INDEXES = st.integers(0, 2)
 FILLS = st.integers(0, 5)  # few distinct contents, so dedup shares pages
 CONFIGS = st.sampled_from(["plain", "compress", "dedup", "tze"])
 
-SETTINGS = settings(max_examples=30, stateful_step_count=40, deadline=None,
+SETTINGS = settings(max_examples=200, stateful_step_count=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
