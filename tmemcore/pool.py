@@ -126,7 +126,8 @@ class TmemPool:
             raise Frozen(f"client {owner.cli_id} is frozen: new puts are refused")
         host = self.host
         persistent = self.persistent
-        if host.plain and not owner.compress:
+        raw = host.plain and not owner.compress
+        if raw:
             stored: Stored = data
             charge = PAGE_SIZE
         else:
@@ -134,6 +135,20 @@ class TmemPool:
         if persistent and owner.max_pages is not None and owner.pers_count >= owner.max_pages:
             self._refuse(stored, dup, f"client {owner.cli_id} is at its limit of {owner.max_pages} persistent pages")
         if host.used_bytes + charge > host.budget_bytes or host.npages >= host.max_descriptors:
+            if raw and not persistent and host.used_bytes <= host.budget_bytes and host.npages <= host.max_descriptors:
+                # A full plain host (no weights): make_room would evict exactly one page, the oldest
+                # live one. When that is a raw page of this pool, evict it and store the new one in
+                # its place: the byte, page and ephemeral counts would go down by one and straight
+                # back up (their maxima cannot move), so only what differs is done.
+                eviction = host.eviction
+                queue = eviction.global_list
+                while queue and not queue[0]:
+                    queue.popleft()  # dead descriptors: make_room would skip them the same way
+                victim = queue[0] if queue else None
+                if victim is not None and victim[POOL] is self and type(victim[DATA]) is bytes \
+                        and not eviction.weight_total:
+                    self._swap(queue, victim, caller, oid, index, data, dup)
+                    return
             if not host.make_room(charge, caller):
                 self._refuse(stored, dup, "no room for the page (budget full, nothing evictable)")
             obj = objects.get(oid)  # eviction may have emptied and removed it
@@ -178,6 +193,45 @@ class TmemPool:
             if len(global_list) > eviction.compact_at:
                 eviction.compact(owner)
             host.tot_good_eph_puts += 1
+        if self.shared:
+            self.last_client[oid] = caller.cli_id
+        self.good_puts += 1
+        if dup:
+            self.dup_puts_replaced += 1
+
+    def _swap(self, queue: Any, victim: Node, caller: "Client", oid: int, index: int, data: bytes, dup: bool) -> None:
+        """``put`` on a full plain host whose oldest live page (``victim``, at the head of the
+        global list) is a raw page of this pool: ``make_room``'s one eviction plus the store,
+        with the counter updates that cancel out left out (same final state and counters)."""
+        host = self.host
+        eviction = host.eviction
+        queue.popleft()
+        eviction.evict_attempts += 1
+        objects = self.objects
+        victim_oid = victim[OID]
+        victim_obj = objects[victim_oid]
+        del victim_obj[victim[INDEX]]
+        if not victim_obj:
+            del objects[victim_oid]
+            host.obj_count -= 1
+            if self.shared:
+                self.last_client.pop(victim_oid, None)
+        victim.clear()
+        eviction.evicted_pgs += 1
+        obj = objects.get(oid)
+        if obj is None:
+            obj = objects[oid] = {}
+            host.obj_count += 1
+            if len(objects) > self.obj_count_max:
+                self.obj_count_max = len(objects)
+            if host.obj_count > host.obj_count_max:
+                host.obj_count_max = host.obj_count
+        node = [data, self, oid, index]
+        obj[index] = node
+        queue.append(node)
+        if len(queue) > eviction.compact_at:
+            eviction.compact(self.client)
+        host.tot_good_eph_puts += 1
         if self.shared:
             self.last_client[oid] = caller.cli_id
         self.good_puts += 1
