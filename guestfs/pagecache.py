@@ -180,7 +180,11 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
             self._store(key, index, data)
             return data, "tmem"
         data = loader()
-        self.insert(key, index, data)
+        if len(data) > PAGE_SIZE:  # insert, inlined (hot path)
+            raise ValueError(f"a page is at most {PAGE_SIZE} bytes, got {len(data)}")
+        if self.cleancache.holds(key, index):  # the loader put a copy to tmem meanwhile
+            self.cleancache.invalidate_page(key, index)
+        self._store(key, index, data)
         return data, "backing"
 
     def insert(self, key: FileKey, index: int, data: bytes) -> None:
