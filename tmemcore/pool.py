@@ -147,7 +147,37 @@ class TmemPool:
                 victim = queue[0] if queue else None
                 if victim is not None and victim[POOL] is self and type(victim[DATA]) is bytes \
                         and not eviction.weight_total:
-                    self._swap(queue, victim, caller, oid, index, data, dup)
+                    queue.popleft()  # make_room's one eviction: TmemPool.evict of a raw page, inlined
+                    eviction.evict_attempts += 1
+                    victim_oid = victim[OID]
+                    victim_obj = objects[victim_oid]
+                    del victim_obj[victim[INDEX]]
+                    if not victim_obj:
+                        del objects[victim_oid]
+                        host.obj_count -= 1
+                        if self.shared:
+                            self.last_client.pop(victim_oid, None)
+                    victim.clear()
+                    eviction.evicted_pgs += 1
+                    obj = objects.get(oid)  # the store, less the counts the eviction gave back
+                    if obj is None:
+                        obj = objects[oid] = {}
+                        host.obj_count += 1
+                        if len(objects) > self.obj_count_max:
+                            self.obj_count_max = len(objects)
+                        if host.obj_count > host.obj_count_max:
+                            host.obj_count_max = host.obj_count
+                    node = [data, self, oid, index]
+                    obj[index] = node
+                    queue.append(node)
+                    if len(queue) > eviction.compact_at:
+                        eviction.compact(owner)
+                    host.tot_good_eph_puts += 1
+                    if self.shared:
+                        self.last_client[oid] = caller.cli_id
+                    self.good_puts += 1
+                    if dup:
+                        self.dup_puts_replaced += 1
                     return
             if not host.make_room(charge, caller):
                 self._refuse(stored, dup, "no room for the page (budget full, nothing evictable)")
@@ -193,45 +223,6 @@ class TmemPool:
             if len(global_list) > eviction.compact_at:
                 eviction.compact(owner)
             host.tot_good_eph_puts += 1
-        if self.shared:
-            self.last_client[oid] = caller.cli_id
-        self.good_puts += 1
-        if dup:
-            self.dup_puts_replaced += 1
-
-    def _swap(self, queue: Any, victim: Node, caller: "Client", oid: int, index: int, data: bytes, dup: bool) -> None:
-        """``put`` on a full plain host whose oldest live page (``victim``, at the head of the
-        global list) is a raw page of this pool: ``make_room``'s one eviction plus the store,
-        with the counter updates that cancel out left out (same final state and counters)."""
-        host = self.host
-        eviction = host.eviction
-        queue.popleft()
-        eviction.evict_attempts += 1
-        objects = self.objects
-        victim_oid = victim[OID]
-        victim_obj = objects[victim_oid]
-        del victim_obj[victim[INDEX]]
-        if not victim_obj:
-            del objects[victim_oid]
-            host.obj_count -= 1
-            if self.shared:
-                self.last_client.pop(victim_oid, None)
-        victim.clear()
-        eviction.evicted_pgs += 1
-        obj = objects.get(oid)
-        if obj is None:
-            obj = objects[oid] = {}
-            host.obj_count += 1
-            if len(objects) > self.obj_count_max:
-                self.obj_count_max = len(objects)
-            if host.obj_count > host.obj_count_max:
-                host.obj_count_max = host.obj_count
-        node = [data, self, oid, index]
-        obj[index] = node
-        queue.append(node)
-        if len(queue) > eviction.compact_at:
-            eviction.compact(self.client)
-        host.tot_good_eph_puts += 1
         if self.shared:
             self.last_client[oid] = caller.cli_id
         self.good_puts += 1
