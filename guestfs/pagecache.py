@@ -75,7 +75,7 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         """The one eviction hook: drop the least recently used page and offer it to tmem."""
         # What LRUCache.popitem + __delitem__ do (its oldest key out of its order and data dicts,
         # its size counter down), as three C calls instead of five Python frames.
-        page_key, _ = self._order.popitem(last=False)
+        page_key, _ = self._order.popitem(False)  # the oldest
         data = self._pages.pop(page_key)
         self._Cache__currsize -= 1
         file_id, index = page_key >> _INDEX_BITS, page_key & _INDEX_MASK
@@ -175,15 +175,20 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
                 self.hits += 1
                 return data, "page-cache"
         self.misses += 1
-        data = self.cleancache.get_page(key, index)
+        cleancache = self.cleancache
+        data = cleancache.get_page(key, index)
         if data is not None:
             self._store(key, index, data)
             return data, "tmem"
+        # get_page left this page untracked (a get, hit or miss, untracks it; a page never put was
+        # not tracked), and only a put can track it again -- every put_page/put_pages that tracks a
+        # page counts ``puts`` first. So unless the loader caused a put, insert's holds() is False.
+        puts = cleancache.puts
         data = loader()
         if len(data) > PAGE_SIZE:  # insert, inlined (hot path)
             raise ValueError(f"a page is at most {PAGE_SIZE} bytes, got {len(data)}")
-        if self.cleancache.holds(key, index):  # the loader put a copy to tmem meanwhile
-            self.cleancache.invalidate_page(key, index)
+        if cleancache.puts != puts and cleancache.holds(key, index):  # the loader put a copy to tmem
+            cleancache.invalidate_page(key, index)
         self._store(key, index, data)
         return data, "backing"
 
