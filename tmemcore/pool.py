@@ -157,10 +157,11 @@ class TmemPool:
                         host.obj_count -= 1
                         if self.shared:
                             self.last_client.pop(victim_oid, None)
+                        if victim_obj is obj:
+                            obj = None  # the eviction emptied and removed the object we put into
                     victim.clear()
                     eviction.evicted_pgs += 1
-                    obj = objects.get(oid)  # the store, less the counts the eviction gave back
-                    if obj is None:
+                    if obj is None:  # the store, less the counts the eviction gave back
                         obj = objects[oid] = {}
                         host.obj_count += 1
                         if len(objects) > self.obj_count_max:
