@@ -121,3 +121,48 @@ def test_a_bytes_frame_put_is_a_bytearray_frame_put(ops: list[tuple[int, int, in
         assert hosts[0].stats() == hosts[1].stats()
     for tmem in hosts:
         tmem.check()
+
+
+EVICTING_OPS = st.lists(
+    st.tuples(
+        st.sampled_from([abi.TMEM_PUT_PAGE] * 6 + [abi.TMEM_GET_PAGE, abi.TMEM_FLUSH_PAGE, abi.TMEM_FLUSH_OBJECT]),
+        st.integers(1, 2),  # client
+        st.integers(0, 1),  # pool id (both ephemeral; pool 1 shared when asked)
+        st.integers(0, 3),  # oid
+        st.integers(0, 7),  # index
+    ),
+    min_size=20,
+    max_size=120,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=EVICTING_OPS, pages=st.integers(1, 5), shared=st.booleans(), live_at=st.integers(0, 200))
+def test_evict_one_store_one_put_equals_make_room(ops: list[tuple[int, int, int, int, int]], pages: int,
+                                                   shared: bool, live_at: int) -> None:
+    """On a full plain host most puts evict exactly one page; when it is a raw page of the same
+    pool, ``TmemPool.put`` evicts and stores in one step, leaving out the counts that cancel.
+    Against ``make_room`` + ``choose_victim`` + a plain store (the general host): same codes,
+    frames and counters after every step, with victims of the same pool, of another pool of the
+    same client, of another client, and of a shared pool, and duplicates while live-migrating."""
+    fast = Tmem(memory_pages=pages)
+    slow = Tmem(memory_pages=pages)
+    slow.plain = False
+    entries = {fast: fast.do_tmem_op, slow: slow.hypercall.do_tmem_op}
+    for tmem, entry in entries.items():
+        for client in (1, 2):
+            assert entry(client, abi.new_pool_record(abi.pool_flags())) == 0
+            flags = abi.pool_flags(shared=shared)
+            assert entry(client, abi.new_pool_record(flags, uuid=(5, 6) if shared else (0, 0))) == 1
+    for step, (cmd, client, pool_id, oid, index) in enumerate(ops):
+        if step == live_at:
+            for tmem in entries:
+                tmem.client(1).live_migrating = True
+        record = gen(cmd, pool_id, oid, index)
+        frame_fast, frame_slow = page(step), page(step)
+        assert entries[fast](client, record, bytes(frame_fast) if cmd == abi.TMEM_PUT_PAGE else frame_fast) \
+            == entries[slow](client, record, frame_slow)
+        assert frame_fast == frame_slow
+        assert fast.stats() == slow.stats()
+    fast.check()
+    slow.check()
