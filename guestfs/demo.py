@@ -136,6 +136,8 @@ def run_live_sweep(tree: Path, page_cache_pages: int, tmem_sizes: list[int], rea
         run = live_run(tree, plan, page_cache_pages=page_cache_pages, tmem_pages=tmem_pages, seed=seed)
         rows.append(_live_row(run))
     print(_table(rows, LIVE_COLUMNS))
+    print("a 4 KiB host holds one page: the no-tmem baseline. first_chance_hit stays put while tmem_hit grows with\n"
+          "the budget, and every read was compared with the backing file (wrong_reads).")
     return rows
 
 
