@@ -107,20 +107,19 @@ class TmemPool:
     def put(self, caller: "Client", oid: int, index: int, data: bytes) -> None:
         """Store a full page (``data`` is PAGE_SIZE bytes). Raises Frozen, NoMemory, NoSpace.
 
-        One function on purpose (hot path): a duplicate first frees the old copy (Xen
-        frees the old data before storing the new), then stores like a new put; if that
-        fails the handle is gone and the answer is NoSpace.
+        A duplicate first frees the old copy (Xen frees the old data before storing the new),
+        then stores like a new put; if that fails the handle is gone and the answer is NoSpace.
+        On a full host the page goes in place of the oldest one (``_swap_with_oldest``) when
+        that is all make_room would do, else make_room evicts and ``_store`` links it.
         """
         owner = self.client
-        objects = self.objects
-        obj = objects.get(oid)
+        obj = self.objects.get(oid)
         dup = obj is not None and index in obj
         if dup:
             self._drop(obj, oid, obj.pop(index))  # type: ignore[union-attr]
             if owner.live_migrating:
                 self.dup_puts_flushed += 1
                 raise NoSpace("duplicate put refused while live-migrating; the old copy was flushed")
-            obj = objects.get(oid)  # the drop removes the object if that was its last page
         elif owner.frozen:
             self.no_mem_puts += 1
             raise Frozen(f"client {owner.cli_id} is frozen: new puts are refused")
@@ -134,64 +133,28 @@ class TmemPool:
             stored, charge = host.codec.encode(data, not persistent, owner.compress, owner.compress_stats)
         if persistent and owner.max_pages is not None and owner.pers_count >= owner.max_pages:
             self._refuse(stored, dup, f"client {owner.cli_id} is at its limit of {owner.max_pages} persistent pages")
+        swapped = False
         if host.used_bytes + charge > host.budget_bytes or host.npages >= host.max_descriptors:
-            if raw and not persistent and host.used_bytes <= host.budget_bytes and host.npages <= host.max_descriptors:
-                # A full plain host (no weights): make_room would evict exactly one page, the oldest
-                # live one. When that is a raw page of this pool, evict it and store the new one in
-                # its place: the byte, page and ephemeral counts would go down by one and straight
-                # back up (their maxima cannot move), so only what differs is done.
-                eviction = host.eviction
-                queue = eviction.global_list
-                while queue and not queue[0]:
-                    queue.popleft()  # dead descriptors: make_room would skip them the same way
-                victim = queue[0] if queue else None
-                if victim is not None and victim[POOL] is self and type(victim[DATA]) is bytes \
-                        and not eviction.weight_total:
-                    queue.popleft()  # make_room's one eviction: TmemPool.evict of a raw page, inlined
-                    eviction.evict_attempts += 1
-                    victim_oid = victim[OID]
-                    victim_obj = objects[victim_oid]
-                    del victim_obj[victim[INDEX]]
-                    if not victim_obj:
-                        del objects[victim_oid]
-                        host.obj_count -= 1
-                        if self.shared:
-                            self.last_client.pop(victim_oid, None)
-                        if victim_obj is obj:
-                            obj = None  # the eviction emptied and removed the object we put into
-                    victim.clear()
-                    eviction.evicted_pgs += 1
-                    if obj is None:  # the store, less the counts the eviction gave back
-                        obj = objects[oid] = {}
-                        host.obj_count += 1
-                        if len(objects) > self.obj_count_max:
-                            self.obj_count_max = len(objects)
-                        if host.obj_count > host.obj_count_max:
-                            host.obj_count_max = host.obj_count
-                    node = [data, self, oid, index]
-                    obj[index] = node
-                    queue.append(node)
-                    if len(queue) > eviction.compact_at:
-                        eviction.compact(owner)
-                    host.tot_good_eph_puts += 1
-                    if self.shared:
-                        self.last_client[oid] = caller.cli_id
-                    self.good_puts += 1
-                    if dup:
-                        self.dup_puts_replaced += 1
-                    return
-            if not host.make_room(charge, caller):
+            swapped = (raw and not persistent and host.used_bytes <= host.budget_bytes
+                       and host.npages <= host.max_descriptors and self._swap_with_oldest(oid, index, data))
+            if not swapped and not host.make_room(charge, caller):
                 self._refuse(stored, dup, "no room for the page (budget full, nothing evictable)")
-            obj = objects.get(oid)  # eviction may have emptied and removed it
-        if obj is None:
-            obj = objects[oid] = {}
-            host.obj_count += 1
-            if len(objects) > self.obj_count_max:
-                self.obj_count_max = len(objects)
-            if host.obj_count > host.obj_count_max:
-                host.obj_count_max = host.obj_count
+        if not swapped:
+            self._store(oid, index, stored, charge)
+        if not persistent:
+            host.tot_good_eph_puts += 1
+        if self.shared:
+            self.last_client[oid] = caller.cli_id
+        self.good_puts += 1
+        if dup:
+            self.dup_puts_replaced += 1
+
+    def _store(self, oid: int, index: int, stored: Stored, charge: int) -> None:
+        """Link a new descriptor into its object, the budget and the page counts, and onto the
+        persistent order or the ephemeral lists."""
+        host = self.host
         node = [stored, self, oid, index]
-        obj[index] = node
+        (self.objects.get(oid) or self._object(oid))[index] = node
         host.used_bytes += charge
         host.npages += 1
         self.npages += 1
@@ -201,34 +164,65 @@ class TmemPool:
             host.npages_max = host.npages
         if host.used_bytes > host.used_bytes_max:
             host.used_bytes_max = host.used_bytes
-        if persistent:
+        if self.persistent:
             self.pers_order.append(node)
-            owner.pers_count += 1
-            owner.succ_pers_puts += 1
+            self.client.pers_count += 1
+            self.client.succ_pers_puts += 1
             if len(self.pers_order) > 2 * self.npages + 256:
                 self.pers_order = deque(n for n in self.pers_order if n)
-        else:  # EphemeralLists.append, inlined (hot path)
-            eviction = host.eviction
-            global_list = eviction.global_list
-            global_list.append(node)
-            eviction.global_eph_count += 1
-            owner.eph_count += 1
-            if owner.eph_count > owner.eph_count_max:
-                owner.eph_count_max = owner.eph_count
-            if eviction.global_eph_count > eviction.global_eph_count_max:
-                eviction.global_eph_count_max = eviction.global_eph_count
-            if eviction.by_client:
-                owner.eph_pages.append(node)
-                if len(owner.eph_pages) > owner.compact_at:
-                    eviction.compact(owner)
-            if len(global_list) > eviction.compact_at:
-                eviction.compact(owner)
-            host.tot_good_eph_puts += 1
-        if self.shared:
-            self.last_client[oid] = caller.cli_id
-        self.good_puts += 1
-        if dup:
-            self.dup_puts_replaced += 1
+        else:
+            host.eviction.append(node, self.client)
+
+    def _swap_with_oldest(self, oid: int, index: int, data: bytes) -> bool:
+        """On a full plain host without weights, make_room would evict exactly one page: the oldest
+        live one. When that is a raw page of this pool, evict it and store ``data`` in its place;
+        the byte, page and ephemeral counts would go down by one and straight back up (their
+        maxima cannot move), so they are left alone. False when the case does not apply."""
+        eviction = self.host.eviction
+        queue = eviction.global_list
+        while queue and not queue[0]:
+            queue.popleft()  # dead descriptors: make_room would skip them the same way
+        if not queue or eviction.weight_total:
+            return False
+        victim = queue[0]
+        if victim[POOL] is not self or type(victim[DATA]) is not bytes:
+            return False
+        queue.popleft()
+        eviction.evict_attempts += 1
+        eviction.evicted_pgs += 1
+        self._unlink_raw(victim)
+        node = [data, self, oid, index]
+        (self.objects.get(oid) or self._object(oid))[index] = node
+        queue.append(node)
+        if len(queue) > eviction.compact_at:
+            eviction.compact(self.client)
+        return True
+
+    def _object(self, oid: int) -> dict[int, Node]:
+        """The object's pages, created (and counted) when the object does not exist yet."""
+        obj = self.objects.get(oid)
+        if obj is None:
+            obj = self.objects[oid] = {}
+            host = self.host
+            host.obj_count += 1
+            if len(self.objects) > self.obj_count_max:
+                self.obj_count_max = len(self.objects)
+            if host.obj_count > host.obj_count_max:
+                host.obj_count_max = host.obj_count
+        return obj
+
+    def _unlink_raw(self, node: Node) -> None:
+        """Take a raw page's descriptor out of its object, and the object out of the pool when it
+        empties; the caller settles the counts."""
+        oid = node[OID]
+        obj = self.objects[oid]
+        del obj[node[INDEX]]
+        if not obj:
+            del self.objects[oid]
+            self.host.obj_count -= 1
+            if self.shared:
+                self.last_client.pop(oid, None)
+        node.clear()
 
     def _refuse(self, stored: Stored, dup: bool, reason: str) -> None:
         """A put that found no room: undo the encoding, count, raise (NoSpace for a
@@ -356,22 +350,14 @@ class TmemPool:
 
     def evict(self, node: Node) -> None:
         """Remove the page the eviction hook chose."""
-        oid = node[OID]
-        objects = self.objects
-        obj = objects[oid]
-        del obj[node[INDEX]]
-        stored = node[DATA]
-        if type(stored) is not bytes:
+        if type(node[DATA]) is not bytes:
+            oid = node[OID]
+            obj = self.objects[oid]
+            del obj[node[INDEX]]
             self._drop(obj, oid, node)
             return
-        # _drop inlined for a raw ephemeral page (evictions run on most puts of a full host)
+        self._unlink_raw(node)  # a raw ephemeral page: no codec to release (most puts of a full host)
         host = self.host
-        if not obj:
-            del objects[oid]
-            host.obj_count -= 1
-            if self.shared:
-                self.last_client.pop(oid, None)
-        node.clear()
         host.used_bytes -= PAGE_SIZE
         host.npages -= 1
         self.npages -= 1
