@@ -181,7 +181,8 @@ def run_mount(args: argparse.Namespace) -> int:
 
     config = mount_config(args)
     if config.server is not None and not args.foreground:  # (a foreground daemon's build_stack connects itself)
-        from guestfs.stack import ServerUnreachable, probe_server
+        from guestfs.stack import probe_server
+        from guestfs.transport import ServerUnreachable
 
         try:  # before anything is mounted: an unreachable host is an error, not a silent passthrough
             probe_server(config.server, config.client_id, timeout=min(args.timeout, SERVER_PROBE_TIMEOUT))

@@ -116,7 +116,8 @@ def fuse_kwargs(config: MountConfig) -> dict[str, Any]:
 def mount(config: MountConfig) -> int:
     """Serve ``config.source`` at ``config.mountpoint`` until unmounted or signalled; returns 0."""
     from guestfs.filekey import key_for_fd, key_for_path
-    from guestfs.stack import ServerUnreachable, build_stack
+    from guestfs.stack import build_stack
+    from guestfs.transport import ServerUnreachable
 
     binding = load_binding(config.binding)
     try:

@@ -28,7 +28,7 @@ from tmemcore.abi import SPEC_V0, SPEC_V1
 
 from .cleancache import ABIS, FOLDS, CleanCache
 from .pageio import PageIO
-from .transport import InProcessTransport, ServerUnreachable, SocketTransport, Transport
+from .transport import InProcessTransport, SocketTransport, Transport
 
 HOST_SPECS = ("v0", "v1", "both", "auto")
 EMBEDDED_CLIENT_ID = 1

@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 PAGE_BYTES = 4096
@@ -37,11 +38,11 @@ def parse_positive_pages(text: str) -> int:
     return pages
 
 
-def parse_page_list(text: str) -> list[int] | str:
+def parse_page_list(text: str, parse_one: Callable[[str], int] = parse_pages) -> list[int] | str:
     """ "a,b,c" sizes (0 allowed: "no tmem"), or "auto"."""
     if text.strip() == "auto":
         return "auto"
-    sizes = [parse_pages(part) for part in text.split(",") if part.strip()]
+    sizes = [parse_one(part) for part in text.split(",") if part.strip()]
     if not sizes:
         raise argparse.ArgumentTypeError(f"invalid size list {text!r}: comma-separated sizes, or auto")
     return sizes
@@ -49,12 +50,7 @@ def parse_page_list(text: str) -> list[int] | str:
 
 def parse_positive_page_list(text: str) -> list[int] | str:
     """ "a,b,c" sizes of at least one page each, or "auto"."""
-    if text.strip() == "auto":
-        return "auto"
-    sizes = [parse_positive_pages(part) for part in text.split(",") if part.strip()]
-    if not sizes:
-        raise argparse.ArgumentTypeError(f"invalid size list {text!r}: comma-separated sizes, or auto")
-    return sizes
+    return parse_page_list(text, parse_positive_pages)
 
 
 def _parse_int(text: str, minimum: int, what: str) -> int:

@@ -9,6 +9,7 @@ import pytest
 
 from guestfs.filekey import FileKey, key_for_fd
 from guestfs.stack import StackConfig, build_stack
+from tests.polling import wait_for
 
 KEY = FileKey(oid=1, source="synthetic", ino=1)
 
@@ -112,15 +113,6 @@ def tmemd(tmp_path: Path):
         server.stop()
 
 
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def live_pools(host, client_id: int) -> list[int]:
@@ -129,7 +121,7 @@ def live_pools(host, client_id: int) -> list[int]:
 
 
 def test_unreachable_server_is_an_error_not_a_passthrough(tmp_path: Path) -> None:
-    from guestfs.stack import ServerUnreachable
+    from guestfs.transport import ServerUnreachable
 
     address = f"unix:{tmp_path}/none.sock"
     for abi in ("auto", "v1"):

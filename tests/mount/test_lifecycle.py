@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 
 from guestfs.config import is_fuse_mount
 from guestfs.mount import is_live, unmount
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(90, method="thread")]
 
@@ -22,13 +22,6 @@ BINDINGS = ["mfusepy", "fusepy"]
 MountFactory = Callable[..., Any]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.mark.parametrize("binding", BINDINGS)

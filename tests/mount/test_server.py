@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120, method="thread")]
 
@@ -82,13 +83,6 @@ def tmemctl_list(address: str) -> str:
     return result.stdout
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 @pytest.mark.parametrize("tmemd", [["--accept-v0"]], indirect=True)
@@ -118,7 +112,7 @@ def test_kill_9_of_a_mount_destroys_its_pools_on_the_server(mount_factory: Mount
     assert f"P=CI:{victim_id},PI:0" in tmemctl_list(address)
     victim.handle.process.kill()
     victim.handle.process.wait(timeout=15)
-    assert wait_for(lambda: f"P=CI:{victim_id}," not in tmemctl_list(address)), tmemctl_list(address)
+    assert wait_for(lambda: f"P=CI:{victim_id}," not in tmemctl_list(address), timeout=15), tmemctl_list(address)
     assert "P=CI:7,PI:0" in tmemctl_list(address)  # the other guest keeps its pool
     again = mount_factory("--server", address, "--page-cache", "8K")  # the dead guest's id is free again
     assert again.stats()["client_id"] == victim_id and again.stats()["mode"] == "v1"

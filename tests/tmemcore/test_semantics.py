@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from tmemtest import PAGE, gen, get, new_pool, put
+from tmemtest import PAGE, gen, get, new_pool
 
 from tmemcore import Tmem, abi
 from tmemcore.errors import Frozen, InvalidArgument, NoDevice, NotPermitted

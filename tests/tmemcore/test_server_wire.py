@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tmemcore import abi, wire
 from tmemcore.server import TmemServer, answer, parse_size
 from tmemcore.wire import RemoteTmem
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -243,9 +244,7 @@ def test_connections_beyond_the_limit_are_refused():
         with pytest.raises(OSError):
             second.do_tmem_op(get_record(1), bytearray(4))
         first.close()
-        deadline = time.monotonic() + 5
-        while server.connection_count() and time.monotonic() < deadline:
-            time.sleep(0.01)  # poll until the server noticed the close
+        assert wait_for(lambda: not server.connection_count(), timeout=5)  # the server noticed the close
         assert second.do_tmem_op(get_record(1), bytearray(4)) == 1
         second.close()
         server.check()
@@ -290,7 +289,7 @@ def test_any_gets_the_lowest_free_id_and_explicit_ids_are_kept(served):
         assert second.do_tmem_op(get_record(1), bytearray(4)) == 1
         assert host.calls[-1][0] == 3  # the server speaks as the assigned id
         first.close()
-        assert wait_until(lambda: server.client_ids() == {1: 1, 3: 1})
+        assert wait_for(lambda: server.client_ids() == {1: 1, 3: 1})
         again = RemoteTmem(address, wire.CLIENT_ANY)
         assert again.connect() == 2  # freed ids are reused
         again.check()
@@ -348,7 +347,7 @@ def test_a_closed_connection_destroys_exactly_the_pools_it_created(tmp_path: Pat
         def pools(cid: int) -> list[int]:
             return [slot for slot, pool in enumerate(host.clients[cid].pools) if pool is not None]
 
-        assert wait_until(lambda: pools(5) == [] and pools(6) == [] and server.client_ids() == {})
+        assert wait_for(lambda: pools(5) == [] and pools(6) == [] and server.client_ids() == {})
         assert host.npages == 0
         host.check()
     finally:
@@ -370,10 +369,3 @@ def test_guest_tracks_new_and_destroyed_pools():
     assert guest.destroy_pools() == [1] and guest.pools == {}
 
 
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
