@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tmemcore.abi import PAGE_SIZE
+from tmemcore.sizes import MAX_SIZE, parse_size, size_to_pages  # noqa: F401 (MAX_SIZE: re-exported)
+
 if TYPE_CHECKING:
     from guestfs.stack import StackConfig
 
-PAGE_SIZE = 4096
-MAX_SIZE = 1 << 40  # 1 TiB: any size option beyond it is a typo, not a cache (documented in docs/guestfs.md)
 MAX_CLIENT_ID = 0xFFFE  # 0xFFFF is Xen's CLI_ID_NULL (the wire's "assign me one")
 
 ABIS = ("auto", "v1", "v0")
@@ -29,27 +30,6 @@ THREADS = ("single", "multi")
 # direct_io, kernel_cache or writeback would silently defeat the user-space cache or its accounting.
 _FLAG_OPTIONS = frozenset({"allow_other", "default_permissions", "noatime", "nodev", "nosuid", "noexec"})
 _VALUE_OPTIONS = frozenset({"fsname", "subtype", "entry_timeout", "negative_timeout"})
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Parse "4096", "16K", "64M", "1G", "1T" (binary units, optional "B"/"iB") into bytes, at most 1 TiB."""
-    match = _SIZE_RE.match(text)
-    if match is None:
-        raise ValueError(f"invalid size {text!r}: expected a number of bytes with an optional K/M/G/T suffix")
-    number, unit, _ = match.groups()
-    size = int(number) * _SIZE_UNITS[unit.lower()]
-    if size > MAX_SIZE:
-        raise ValueError(f"size {text!r} is larger than the 1 TiB limit")
-    return size
-
-
-def size_to_pages(nbytes: int) -> int:
-    """Bytes → 4 KiB pages, rounding up in integers (a budget of 1 byte still holds one page)."""
-    return -(-nbytes // PAGE_SIZE)
-
 
 def parse_pages(text: str, what: str) -> int:
     """A size option in pages; at least one page, because a zero-sized cache is a misconfiguration."""

@@ -31,15 +31,13 @@ import struct
 import sys
 import threading
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, NoReturn, Protocol
 
 from . import abi, wire
 from .errors import TmemError
+from .sizes import parse_size
 
 LOG = logging.getLogger("tmemd")
-_SIZE_SUFFIXES = MappingProxyType({"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40})
-MAX_MEMORY = 1 << 40  # 1 TiB: far beyond any test or demo, small enough that a typo is caught
 _CMD_POOL = struct.Struct("<Ii")  # cmd, pool_id: the same offsets in v0 and v1 records
 
 
@@ -276,19 +274,6 @@ def _remove_stale_unix_socket(path: str) -> None:
 
 
 # ====================================================================== command line
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "64M", "4096", "1G", "512K", "1T" (binary units); at most MAX_MEMORY (1 TiB)."""
-    value = text.strip().upper().removesuffix("B").removesuffix("I")
-    suffix = value[-1:] if value[-1:] in _SIZE_SUFFIXES else ""
-    number = value[: len(value) - len(suffix)]
-    if not number.isdigit():
-        raise ValueError(f"bad size {text!r}: expected e.g. 4096, 512K, 64M, 1G")
-    size = int(number) * _SIZE_SUFFIXES[suffix]
-    if size > MAX_MEMORY:
-        raise ValueError(f"size {text!r} exceeds the 1 TiB limit")
-    return size
 
 
 class UsageError(ValueError):

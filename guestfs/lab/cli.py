@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-PAGE_BYTES = 4096
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt])(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+from tmemcore.sizes import parse_size, size_to_pages
 
 
 def parse_pages(text: str) -> int:
@@ -24,10 +20,10 @@ def parse_pages(text: str) -> int:
     stripped = text.strip()
     if stripped.isdigit():
         return int(stripped)
-    match = _SIZE.match(stripped)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: pages (>= 0), or bytes with a K/M/G suffix")
-    return math.ceil(int(match.group(1)) * _UNITS[match.group(2).lower()] / PAGE_BYTES)
+    try:
+        return size_to_pages(parse_size(stripped))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or a number of pages)") from None
 
 
 def parse_positive_pages(text: str) -> int:

@@ -241,7 +241,7 @@ def test_host_options_reach_the_host(tmp_path: Path, flags: list[str], capsys: p
     (["--tze"], "--tze needs --dedup"),
     (["--compress-default", "--dedup"], "--compress-default and --dedup exclude each other"),
     (["--spec", "v0", "--accept-v0"], "--accept-v0 is for a v1 host"),
-    (["--memory", "2T"], "exceeds the 1 TiB limit"),
+    (["--memory", "2T"], "larger than the 1 TiB limit"),
     (["--memory", "100"], "less than one page"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])

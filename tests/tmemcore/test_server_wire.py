@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tmemcore import abi, wire
-from tmemcore.server import TmemServer, answer, parse_size
-from tmemcore.wire import RemoteTmem
 from tests.polling import wait_for
+from tmemcore import abi, wire
+from tmemcore.server import TmemServer, answer
+from tmemcore.sizes import parse_size
+from tmemcore.wire import RemoteTmem
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -114,7 +115,7 @@ def test_hello_rejects_foreign_bytes():
 
 def test_parse_size():
     assert parse_size("64M") == 64 << 20 and parse_size("4096") == 4096 and parse_size("1GiB") == 1 << 30
-    with pytest.raises(ValueError, match="bad size"):
+    with pytest.raises(ValueError, match="invalid size"):
         parse_size("lots")
 
 
