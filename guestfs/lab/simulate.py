@@ -314,10 +314,13 @@ def replay_into(guest: StackParts, keys: np.ndarray | list[int], progress: Progr
     """The replay loop. Hot path: file keys, page indexes and stamp words are computed with numpy
     up front, so each request costs one stamp, one ``get_or_load`` and one comparison."""
     unsigned = np.asarray(keys, dtype=np.int64).view(np.uint64)
-    files, file_of_request = np.unique(unsigned >> np.uint64(INDEX_BITS), return_inverse=True)
+    # File numbers -> FileKeys with C-level dict work (np.unique's sort was ~4 % of a replay).
+    file_numbers = (unsigned >> np.uint64(INDEX_BITS)).tolist()
+    key_of_file = dict.fromkeys(file_numbers)
     make_key = FileKeys()
-    file_keys = [make_key(int(f)) for f in files.tolist()]
-    request_keys = [file_keys[i] for i in file_of_request.tolist()]
+    for file_no in key_of_file:
+        key_of_file[file_no] = make_key(file_no)
+    request_keys = list(map(key_of_file.__getitem__, file_numbers))
     indexes = (unsigned & np.uint64(INDEX_MASK)).tolist()
     words = unsigned.tolist()
     inverted = (~unsigned).tolist()
