@@ -7,6 +7,9 @@ Measured in the same run, same workload, same capacity C (pages):
     floor for the ABI configuration (with C = 4096 pages the copies touch ~16 MiB, which is
     memory-bound on the reference machine)
   * ``cachetools.LRUCache``
+  * a locked OrderedDict: the same LRU behind what any thread-safe Pythonic API pays per call
+    (argument validation, a lock, an exclusive get) and nothing of tmem's bookkeeping: the floor
+    for the Pythonic configuration
   * tmemcore, Pythonic API: ``pool.put`` / ``pool.get`` on a private ephemeral pool
   * tmemcore, ABI: ``Tmem.do_tmem_op`` with raw 56-byte records (prebuilt, as a guest
     would hand them over) and a 4 KiB guest frame
@@ -33,6 +36,7 @@ import gc
 import os
 import platform
 import statistics
+import threading
 import time
 import tracemalloc
 from collections import OrderedDict
@@ -44,6 +48,8 @@ from tmemcore import Tmem, abi
 
 PAGE = abi.PAGE_SIZE
 OID = 0x1234
+OID_LIMIT = (1 << 192) - 1  # the all-ones oid is the save-stream terminator
+INDEX_MAX = 0xFFFFFFFF
 
 
 class OrderedDictLru:
@@ -95,6 +101,44 @@ def run_ordered_dict_copies(capacity: int, keys: list[tuple[int, int]], pages: l
     return time.perf_counter() - start
 
 
+def run_locked_ordered_dict(capacity: int, keys: list[tuple[int, int]], pages: list[bytes]) -> float:
+    data: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+    lock = threading.Lock()
+    acquire, release = lock.acquire, lock.release
+
+    def valid(oid: object, index: object) -> bool:
+        return type(oid) is int and type(index) is int and 0 <= oid < OID_LIMIT and 0 <= index <= INDEX_MAX
+
+    def put(oid: int, index: int, page: bytes) -> bool:
+        if type(page) is not bytes or len(page) != PAGE or not valid(oid, index):
+            raise ValueError("bad page or key")
+        acquire()
+        try:
+            key = (oid, index)
+            data[key] = page
+            data.move_to_end(key)
+            if len(data) > capacity:
+                data.popitem(last=False)
+            return True
+        finally:
+            release()
+
+    def get(oid: int, index: int) -> bytes | None:
+        if not valid(oid, index):
+            raise ValueError("bad key")
+        acquire()
+        try:
+            return data.pop((oid, index), None)  # exclusive, as a private ephemeral pool's get
+        finally:
+            release()
+
+    start = time.perf_counter()
+    for n, (k_put, k_get) in enumerate(keys):
+        put(OID, k_put, pages[n & 63])
+        get(OID, k_get)
+    return time.perf_counter() - start
+
+
 def run_cachetools(capacity: int, keys: list[tuple[int, int]], pages: list[bytes]) -> float:
     cache: cachetools.LRUCache[object, bytes] = cachetools.LRUCache(maxsize=capacity)
     get = cache.get
@@ -139,6 +183,7 @@ RUNNERS: dict[str, Callable[[int, list[tuple[int, int]], list[bytes]], float]] =
     "OrderedDict LRU": run_ordered_dict,
     "OrderedDict + copies": run_ordered_dict_copies,
     "cachetools.LRUCache": run_cachetools,
+    "locked OrderedDict": run_locked_ordered_dict,
     "tmemcore Pythonic": run_pythonic,
     "tmemcore ABI": run_abi,
 }
