@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -21,9 +22,12 @@ from guestfs.config import (
     BINDINGS,
     FOLDS,
     HOST_SPECS,
+    MAX_ATTR_TIMEOUT,
     MAX_CLIENT_ID,
+    MOUNT_TYPE,
     THREADS,
     MountConfig,
+    mount_type,
     parse_fuse_options,
     parse_pages,
     parse_seconds,
@@ -55,11 +59,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def _seconds(what: str, *, allow_zero: bool) -> Callable[[str], float]:
+def _seconds(what: str, *, allow_zero: bool, maximum: float = math.inf) -> Callable[[str], float]:
     """An argparse type: finite seconds (NaN or infinity would make every deadline unreachable)."""
     def parse(text: str) -> float:
         try:
-            return parse_seconds(text, what, allow_zero=allow_zero)
+            return parse_seconds(text, what, allow_zero=allow_zero, maximum=maximum)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{what} ")) from None
 
@@ -116,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--fuse", choices=BINDINGS, default=_default_binding(),
                        help="FUSE binding: mfusepy on libfuse3 or fusepy on libfuse2 "
                             "(default: $GUESTFS_FUSE or mfusepy; currently %(default)s)")
-    mount.add_argument("--attr-timeout", metavar="SECONDS", type=_seconds("--attr-timeout", allow_zero=True),
+    mount.add_argument("--attr-timeout", metavar="SECONDS", type=_seconds("--attr-timeout", allow_zero=True, maximum=MAX_ATTR_TIMEOUT),
                        default=DEFAULT_ATTR_TIMEOUT,
                        help="kernel attribute/entry cache timeout, 0..3600 (default: %(default)s)")
     mount.add_argument("--threads", choices=THREADS, default="single",
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: %(default)s)")
     mount.add_argument("-o", metavar="OPTS", dest="fuse_options", action="append", default=[],
                        help="extra FUSE options, comma-separated: allow_other, default_permissions, noatime, nodev, "
-                            "nosuid, noexec, fsname=, subtype=, entry_timeout=, negative_timeout= (default: none)")
+                            "nosuid, noexec, fsname=, entry_timeout=, negative_timeout= (default: none)")
     mount.add_argument("--log", metavar="FILE", default=None,
                        help="daemon log file when detached (default: $XDG_RUNTIME_DIR or /tmp, "
                             "guestfs-UID/<mountpoint>.log)")
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: info)")
 
     umount = commands.add_parser("umount", help="unmount a guestfs mount",
-                                 description="Unmount MOUNTPOINT (fusermount3 -u, fusermount -u, umount).")
+                                 description="Unmount the guestfs mount at MOUNTPOINT (fusermount3 -u, fusermount -u, "
+                                             "umount); anything else mounted there is refused.")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     umount.add_argument("-z", "--lazy", action="store_true", help="lazy unmount if busy (default: off)")
 
@@ -157,7 +162,7 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         return MountConfig.create(
             args.source, args.mountpoint,
             page_cache_pages=parse_pages(args.page_cache, "--page-cache"),
-            tmem_pages=parse_pages(args.tmem or DEFAULT_TMEM, "--tmem"),
+            tmem_pages=parse_pages(DEFAULT_TMEM if args.tmem is None else args.tmem, "--tmem"),
             abi=args.abi, fold=args.v0_fold, compress=args.compress, read_only=args.ro,
             host_spec=args.host_spec or DEFAULT_HOST_SPEC, server=args.server, client_id=args.client_id,
             binding=args.fuse, attr_timeout=args.attr_timeout, threads=args.threads,
@@ -192,10 +197,10 @@ def run_mount(args: argparse.Namespace) -> int:
         try:
             handle = mounting.start_mount(config.source, config.mountpoint, config.to_args()
                                           + ["-v"] * args.verbose, timeout=args.timeout, log_path=args.log)
-        except (mounting.MountError, OSError) as exc:  # OSError: e.g. the --log file cannot be created
+        except (mounting.MountError, OSError) as exc:
             return _fail(f"guestfs mount: {exc}")
-        print(f"guestfs: mounted {config.source} on {config.mountpoint} (pid {handle.process.pid}, "
-              f"log {handle.log_path})")
+        print(f"guestfs: mounted {config.source} on {os.path.realpath(config.mountpoint)} "
+              f"(pid {handle.process.pid}, log {handle.log_path})")
         return 0
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s guestfs[%(process)d] %(levelname)s %(name)s: %(message)s")
@@ -211,10 +216,16 @@ def run_mount(args: argparse.Namespace) -> int:
 def run_umount(args: argparse.Namespace) -> int:
     from guestfs import mount as mounting
 
+    kind = mount_type(args.mountpoint)
+    if kind != MOUNT_TYPE:  # never unmount somebody else's filesystem (the last fallback is plain umount)
+        what = "nothing is mounted there" if kind is None else f"it is a {kind} mount"
+        return _fail(f"guestfs umount: {args.mountpoint} is not a guestfs mount ({what})")
     try:
         mounting.unmount(args.mountpoint, lazy=args.lazy)
     except mounting.MountError as exc:
-        return _fail(f"guestfs umount: {exc}")
+        busy = " (a process has a file or its working directory inside; close it, or use -z)" \
+            if "busy" in str(exc) and not args.lazy else ""
+        return _fail(f"guestfs umount: {exc}{busy}")
     return 0
 
 
@@ -233,7 +244,7 @@ def run_stats(args: argparse.Namespace) -> int:
 # they exist. A counter missing from a mount's stats is left out rather than shown as 0.
 SUMMARY: list[tuple[str, list[tuple[str, str]]]] = [
     ("first-chance page cache", [("hits", "page_cache_hits"), ("misses", "page_cache_misses"),
-                                 ("evictions (puts to tmem)", "page_cache_evictions"),
+                                 ("evictions", "page_cache_evictions"),
                                  ("pages held", "page_cache_pages"), ("capacity (pages)", "page_cache_capacity")]),
     ("cleancache (Linux names)", [("succ_gets", "succ_gets"), ("failed_gets", "failed_gets"), ("puts", "puts"),
                                   ("invalidates", "invalidates")]),

@@ -27,9 +27,13 @@ BINDINGS = ("mfusepy", "fusepy")
 THREADS = ("single", "multi")
 
 # -o options a user may pass through to libfuse. Everything else is refused: options such as
-# direct_io, kernel_cache or writeback would silently defeat the user-space cache or its accounting.
+# direct_io, kernel_cache or writeback would silently defeat the user-space cache or its accounting,
+# and subtype would rename the mount's type, which is how `guestfs umount` recognizes a guestfs mount.
 _FLAG_OPTIONS = frozenset({"allow_other", "default_permissions", "noatime", "nodev", "nosuid", "noexec"})
-_VALUE_OPTIONS = frozenset({"fsname", "subtype", "entry_timeout", "negative_timeout"})
+_SECONDS_OPTIONS = frozenset({"entry_timeout", "negative_timeout"})
+_VALUE_OPTIONS = frozenset({"fsname"}) | _SECONDS_OPTIONS
+MAX_ATTR_TIMEOUT = 3600.0
+MOUNT_TYPE = "fuse.guestfs"  # the type /proc/mounts lists for every guestfs mount (FUSE subtype "guestfs")
 
 def parse_pages(text: str, what: str) -> int:
     """A size option in pages; at least one page, because a zero-sized cache is a misconfiguration."""
@@ -43,14 +47,15 @@ def parse_pages(text: str, what: str) -> int:
     return pages
 
 
-def parse_seconds(text: str, what: str, *, allow_zero: bool) -> float:
-    """A finite, non-negative (or with ``allow_zero=False`` positive) number of seconds."""
+def parse_seconds(text: str, what: str, *, allow_zero: bool, maximum: float = math.inf) -> float:
+    """A finite, non-negative (or with ``allow_zero=False`` positive) number of seconds, at most ``maximum``."""
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"{what} must be a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero) or value > maximum:
         bound = ">= 0" if allow_zero else "> 0"
+        bound += f" and <= {maximum:g}" if maximum < math.inf else ""
         raise ValueError(f"{what} must be a finite number of seconds {bound}, got {text!r}")
     return value
 
@@ -65,8 +70,20 @@ def parse_fuse_options(values: list[str]) -> tuple[str, ...]:
             if key not in allowed:
                 safe = ", ".join(sorted(_FLAG_OPTIONS) + [f"{k}=..." for k in sorted(_VALUE_OPTIONS)])
                 raise ValueError(f"-o {item!r} is not a supported FUSE option (supported: {safe})")
+            _check_option_value(item)
             items.append(item)
     return tuple(items)
+
+
+def _check_option_value(item: str) -> None:
+    """Refuse what libfuse would only refuse after the daemon started (or silently take, like -1)."""
+    key, has_value, value = item.partition("=")
+    if not has_value:
+        return
+    if not value:
+        raise ValueError(f"-o {key}= needs a value")
+    if key in _SECONDS_OPTIONS:
+        parse_seconds(value, f"-o {key}", allow_zero=True)
 
 
 def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -124,8 +141,8 @@ class MountConfig:
         _choice(self.host_spec, HOST_SPECS, "--host-spec")
         _choice(self.binding, BINDINGS, "--fuse")
         _choice(self.threads, THREADS, "--threads")
-        if not (0.0 <= self.attr_timeout <= 3600.0):  # also false for NaN
-            raise ValueError(f"--attr-timeout must be between 0 and 3600 seconds, got {self.attr_timeout}")
+        if not (0.0 <= self.attr_timeout <= MAX_ATTR_TIMEOUT):  # also false for NaN
+            raise ValueError(f"--attr-timeout must be between 0 and {MAX_ATTR_TIMEOUT:g} seconds, got {self.attr_timeout:g}")
         if self.client_id is not None and not 1 <= self.client_id <= MAX_CLIENT_ID:
             raise ValueError(f"--client-id must be in 1..{MAX_CLIENT_ID}, got {self.client_id}")
         if self.server is not None:
@@ -178,20 +195,27 @@ class MountConfig:
 
 
 def is_fuse_mount(path: str) -> bool:
-    """True when /proc/mounts lists a fuse filesystem at ``path`` (a wedged mount still counts).
+    """True when /proc/mounts lists a fuse filesystem at ``path`` (a wedged mount still counts)."""
+    return (mount_type(path) or "").startswith("fuse")
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type /proc/mounts lists for the topmost mount at ``path`` (``fuse.guestfs``,
+    ``tmpfs``, ...), or None when nothing is mounted there.
 
     Reads /proc/mounts instead of calling stat, which would hang or fail on a wedged mount.
     """
     target = os.path.realpath(path)
+    found = None
     try:
         with open("/proc/mounts", encoding="utf-8") as mounts:
             for line in mounts:
                 fields = line.split()
                 if len(fields) >= 3 and _unescape_mount_path(fields[1]) == target:
-                    return fields[2].startswith("fuse")
+                    found = fields[2]  # later lines are mounted on top of earlier ones
     except FileNotFoundError:
-        return False
-    return False
+        return None
+    return found
 
 
 def _unescape_mount_path(field_text: str) -> str:

@@ -188,7 +188,11 @@ def start_mount(source: str, mountpoint: str, args: list[str], timeout: float = 
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     log_path = log_path or default_log_path(mountpoint)
     command = [sys.executable, "-m", "guestfs", "mount", "-f", source, mountpoint, *args]
-    with open(log_path, "ab") as log:
+    try:
+        log = open(log_path, "ab")
+    except OSError as exc:
+        raise MountError(f"cannot write the log file {log_path}: {exc.strerror}") from None
+    with log:
         log_start = log.tell()  # the log is appended to across mounts: report only this daemon's lines
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True, env=_child_env())

@@ -52,7 +52,7 @@ def test_top_level_help_describes_lab_and_demo_for_users() -> None:
     (["--abi", "v7"], "invalid choice"),
     (["-o", "direct_io"], "not a supported FUSE option"),
     (["--attr-timeout", "soon"], "--attr-timeout: must be a number of seconds"),
-    (["--attr-timeout", "nan"], "--attr-timeout: must be a finite number of seconds >= 0, got 'nan'"),
+    (["--attr-timeout", "nan"], "--attr-timeout: must be a finite number of seconds >= 0 and <= 3600, got 'nan'"),
     (["--attr-timeout", "inf"], "finite number of seconds >= 0"),
     (["--timeout", "nan"], "--timeout: must be a finite number of seconds > 0, got 'nan'"),
     (["--timeout", "0"], "--timeout: must be a finite number of seconds > 0"),
@@ -63,6 +63,10 @@ def test_top_level_help_describes_lab_and_demo_for_users() -> None:
     (["--server", "unix:/run/x.sock", "--host-spec", "both"], "--host-spec configures the embedded host"),
     (["--server", "unix:/run/x.sock", "--compress"], "--compress needs the embedded host"),
     (["--nonsense"], "unrecognized arguments"),
+    (["--tmem", ""], "--tmem: invalid size ''"),  # not silently the default
+    (["--attr-timeout", "3601"], "--attr-timeout: must be a finite number of seconds >= 0 and <= 3600, got '3601'"),
+    (["-o", "entry_timeout=abc"], "-o entry_timeout must be a number of seconds"),
+    (["-o", "fsname="], "-o fsname= needs a value"),
 ])
 def test_bad_mount_options_exit_2_with_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
     (tmp_path / "src").mkdir()

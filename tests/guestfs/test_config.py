@@ -90,6 +90,25 @@ def test_fuse_options_whitelist() -> None:
             parse_fuse_options([bad])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("entry_timeout=abc", "must be a number of seconds"),
+    ("negative_timeout=-1", "finite number of seconds >= 0"),
+    ("entry_timeout=nan", "finite number of seconds >= 0"),
+    ("fsname=", "needs a value"),
+    ("subtype=x", "not a supported FUSE option"),  # the type `guestfs umount` checks for
+])
+def test_fuse_option_values_checked_before_mounting(bad: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_fuse_options([bad])
+    assert parse_fuse_options(["entry_timeout=0.5,negative_timeout=0"]) == ("entry_timeout=0.5", "negative_timeout=0")
+
+
+def test_parse_seconds_maximum() -> None:
+    assert parse_seconds("3600", "--x", allow_zero=True, maximum=3600) == 3600.0
+    with pytest.raises(ValueError, match=r"--x must be a finite number of seconds >= 0 and <= 3600, got '3601'"):
+        parse_seconds("3601", "--x", allow_zero=True, maximum=3600)
+
+
 def make_dirs(tmp_path: Path) -> tuple[Path, Path]:
     source, mnt = tmp_path / "src", tmp_path / "mnt"
     source.mkdir()

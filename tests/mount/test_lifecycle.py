@@ -82,3 +82,33 @@ def test_umount_of_unmounted_dir_fails_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "guestfs", "umount", str(tmp_path)], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_umount_refuses_a_filesystem_that_is_not_guestfs(tmp_path: Path) -> None:
+    """The last unmount fallback is plain umount: without the type check a typo could unmount anything."""
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], capture_output=True, timeout=30).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        result = subprocess.run([sys.executable, "-m", "guestfs", "umount", str(target)], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1
+        assert f"{target} is not a guestfs mount (it is a tmpfs mount)" in result.stderr
+        assert os.path.ismount(target)
+    finally:
+        subprocess.run(["umount", str(target)], capture_output=True, timeout=30)
+
+
+def test_umount_of_a_busy_mount_says_what_to_do(mount_factory: MountFactory) -> None:
+    m = mount_factory()
+    holder = subprocess.Popen(["sleep", "60"], cwd=m.mnt)  # a process whose working directory is inside
+    try:
+        result = subprocess.run([sys.executable, "-m", "guestfs", "umount", str(m.mnt)], capture_output=True,
+                                text=True, timeout=30)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1
+        assert "busy" in result.stderr and "close it, or use -z" in result.stderr
+        assert is_live(str(m.mnt))
+    finally:
+        holder.kill()
+        holder.wait(timeout=15)
