@@ -53,6 +53,13 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def client_id(text: str) -> int:
+    """A client (domain) id 0..65534 (argparse type; 65535 is Xen's CLI_ID_NULL)."""
+    if not text.isdigit() or int(text) >= abi.CLI_ID_NULL:
+        raise argparse.ArgumentTypeError(f"must be a client id in 0..{abi.CLI_ID_NULL - 1}, got {text!r}")
+    return int(text)
+
+
 # ====================================================================== parser
 
 
@@ -84,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="long format: also the second key group of each line (default: short)")
     for name, text in (("freeze", "freeze a client (new puts fail)"), ("thaw", "thaw a frozen client")):
         sub = commands.add_parser(name, help=f"{text} (needs --server)")
-        sub.add_argument("client", type=int, help="client (domain) id")
+        sub.add_argument("client", type=client_id, help="client (domain) id, 0..65534")
     save = commands.add_parser("save", help="save a client's tmem to a stream file (needs --server)")
-    save.add_argument("client", type=int, help="client (domain) id")
+    save.add_argument("client", type=client_id, help="client (domain) id, 0..65534")
     save.add_argument("file", type=Path, help="output stream file")
     save.add_argument("--live", action="store_true",
                       help="live save: also write the extra section (default: off, a non-live save)")
@@ -180,6 +187,8 @@ def write_atomically(path: Path, write: Any) -> None:
         with open(temporary, "wb") as out:
             write(out)
         os.replace(temporary, path)
+    except OSError as exc:  # name the file the user asked for, not our temporary
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         temporary.unlink(missing_ok=True)
 

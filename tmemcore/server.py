@@ -35,7 +35,7 @@ from typing import Any, NoReturn, Protocol
 
 from . import abi, wire
 from .errors import TmemError
-from .sizes import parse_size
+from .sizes import parse_size, size_to_pages
 
 LOG = logging.getLogger("tmemd")
 _CMD_POOL = struct.Struct("<Ii")  # cmd, pool_id: the same offsets in v0 and v1 records
@@ -330,13 +330,22 @@ def check_flags(args: argparse.Namespace) -> None:
 def build_host(args: argparse.Namespace) -> Any:
     from .tmem import Tmem
 
-    pages = parse_size(args.memory) // abi.PAGE_SIZE
+    pages = size_to_pages(parse_size(args.memory))  # rounded up, as guestfs mount --tmem does
     if pages < 1:
-        raise UsageError(f"--memory {args.memory} is less than one page ({abi.PAGE_SIZE} bytes)")
+        raise UsageError(f"--memory must be at least 1 byte (rounded up to whole {abi.PAGE_SIZE}-byte pages), "
+                         f"got {args.memory!r}")
     return Tmem(memory_pages=pages, accept_v0=args.accept_v0,
                 spec_version=abi.SPEC_V0 if args.spec == "v0" else abi.SPEC_V1,
                 dedup=args.dedup, tze=args.tze, compress=args.compress_default,
                 store=args.store)
+
+
+def check_ready_file(path: Path) -> None:
+    """Refuse, before listening, a --ready-file that could not be written (UsageError, one line)."""
+    directory = path.parent
+    if path.is_dir() or not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        what = "is a directory" if path.is_dir() else f"{directory} is not a writable directory"
+        raise UsageError(f"--ready-file {path}: {what}")
 
 
 def write_ready_file(path: Path, address: str) -> None:
@@ -349,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_flags(args)
+        if args.ready_file:
+            check_ready_file(args.ready_file)
         host = build_host(args)
         server = TmemServer(host, args.listen)
     except (ValueError, TmemError) as exc:  # bad usage, --listen or --memory
@@ -364,13 +375,21 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     print(f"tmemd listening on {address}", flush=True)
-    if args.ready_file:
-        write_ready_file(args.ready_file, address)
-    while not stop.wait(1.0):  # the timeout only keeps the main thread responsive to signals
-        pass
-    LOG.info("shutting down")
-    server.stop()
-    return 0
+    try:
+        if args.ready_file:
+            try:
+                write_ready_file(args.ready_file, address)
+            except OSError as exc:  # checked before listening; the directory changed since
+                print(f"tmemd: cannot write --ready-file {args.ready_file}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+        while not stop.wait(1.0):  # the timeout only keeps the main thread responsive to signals
+            pass
+        LOG.info("shutting down")
+        return 0
+    finally:
+        server.stop()
+        if args.ready_file:  # a stale address file would send the next caller to a dead server
+            args.ready_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,15 @@ def test_truncated_stream_is_a_data_error(v1_file: Path, capsys: pytest.CaptureF
     assert "truncated stream at offset 36: pool 0's header" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("where", ["missing-dir", "directory"])
+def test_convert_to_an_unwritable_path_names_that_path(v1_file: Path, tmp_path: Path, where: str,
+                                                      capsys: pytest.CaptureFixture[str]):
+    out = tmp_path / "missing" / "out.tmem" if where == "missing-dir" else tmp_path
+    assert main(["stream", "convert", "--to", "v0", str(v1_file), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"tmemctl: {out}: ") and ".tmp" not in err and err.count("\n") == 1
+
+
 def test_missing_file_is_a_data_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["stream", "inspect", str(tmp_path / "nope")]) == 1
     assert "No such file" in capsys.readouterr().err
@@ -93,7 +102,8 @@ def test_missing_file_is_a_data_error(tmp_path: Path, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(
     "argv",
     [[], ["stream"], ["stream", "convert", "--to", "v2", "a", "b"], ["list"], ["--server", "bogus", "list"],
-     ["frobnicate"]],
+     ["frobnicate"], ["--server", "unix:/x", "freeze", "-1"], ["--server", "unix:/x", "save", "65535", "f"],
+     ["--server", "unix:/x", "thaw", "x"]],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]):
     assert main(argv) == 2
