@@ -11,12 +11,15 @@ from hypothesis import strategies as st
 
 from guestfs.lab.mrc import LruCurve
 from guestfs.lab.simulate import (
+    U64,
     StackParts,
     build_guest,
     fast_counts,
     replay_into,
     replay_stack,
+    stamp_key,
     stamp_page,
+    stamp_units,
     tmem_class,
     wrong_byte_count,
 )
@@ -40,6 +43,13 @@ def test_stamp_is_key_specific() -> None:
     assert stamp_page(5) != stamp_page(6)
     assert wrong_byte_count(stamp_page(5), 5) == 0
     assert 0 < wrong_byte_count(stamp_page(5), 6) <= 4096
+
+
+def test_stamp_units_repeat_to_the_stamped_page() -> None:
+    keys = [0, 5, 1 << 16 | 7, (1 << 63) - 1, -1, -(1 << 63)]
+    units = stamp_units(np.array(keys, dtype=np.int64).view(np.uint64))
+    assert [unit * 256 for unit in units] == [stamp_page(key) for key in keys]
+    assert [stamp_key(unit) for unit in units] == [key & U64 for key in keys]
 
 
 @pytest.mark.parametrize(("page_cache", "tmem"), [(1, 0), (1, 1), (10, 50), (200, 200), (500, 3000)])
