@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import parse_size, size_to_pages
+from .lab.cli import UsageError, UsageParser
 
 LIVE_COLUMNS = ["tmem", "reads", "wrong_reads", "first_chance_hit", "tmem_hit", "total_hit", "backing_MiB"]
 KEYING_LIVE_COLUMNS = ["abi", "fold", "mode", "reads", "wrong_reads", "succ_gets", "fold_collisions", "record_bytes"]
@@ -32,16 +33,21 @@ SWEEP_COLUMNS = ["tmem_pages", "baseline_hit_ratio", "exclusive_hit_ratio", "sha
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``guestfs demo``; returns the exit status (2: bad usage, one line on stderr)."""
     parser = _parser()
-    args = parser.parse_args(argv)
     try:
-        page_cache_pages = _pages(args.page_cache)
-        tmem_sizes = [_pages(s) for s in args.tmem_sizes.split(",")]
-        trace = _demo_trace(args.trace)
-        out = Path(args.out).resolve()
-        out.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as exc:
-        parser.error(str(exc))
+        args = parser.parse_args(argv)
+        try:
+            page_cache_pages = _pages(args.page_cache)
+            tmem_sizes = [_pages(s) for s in args.tmem_sizes.split(",")]
+            trace = _demo_trace(args.trace)
+            out = Path(args.out).resolve()
+            out.mkdir(parents=True, exist_ok=True)
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         return _run(args, out, page_cache_pages, tmem_sizes, trace)
     except (OSError, RuntimeError, ValueError) as exc:  # a mount that fails, a full disk: one line, no traceback
@@ -82,7 +88,7 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = UsageParser(
         prog="guestfs demo",
         description="Mount a cached filesystem on an embedded tmem host, run a read workload, "
         "show hit rates and the v0/v1 keying comparison, sweep tmem sizes on a trace, unmount.",

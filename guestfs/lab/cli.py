@@ -11,8 +11,23 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from tmemcore.sizes import parse_size, size_to_pages
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported as one line on stderr with exit status 2 (as ``guestfs``)."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump): ``PROG: error: MESSAGE``, exit status 2.
+
+    ``error`` raises ``UsageError``; ``main`` prints it and returns 2. Shared with ``guestfs demo``.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def parse_pages(text: str) -> int:
@@ -137,9 +152,9 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guestfs lab", description=__doc__, formatter_class=_Formatter)
+    parser = UsageParser(prog="guestfs lab", description=__doc__, formatter_class=_Formatter)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=UsageParser)
 
     sim = sub.add_parser("simulate", formatter_class=_Formatter,
                          help="replay a trace through page cache + tmem; one row per --tmem size",
@@ -220,12 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks that involve several options (argparse exits 2 with a usage error)."""
+def _usage(args: argparse.Namespace, message: str) -> NoReturn:
+    raise UsageError(f"guestfs lab {args.command}: error: {message}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that involve several options; raises ``UsageError`` (one line, exit status 2)."""
     if args.command == "hitrate" and args.weights is not None:
         clients = max(args.clients, len(args.trace or []))
         if len(args.weights) != clients:
-            parser.error(f"argument --weights: {len(args.weights)} weights for {clients} clients")
+            _usage(args, f"argument --weights: {len(args.weights)} weights for {clients} clients")
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -319,9 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``guestfs lab``; returns the exit status."""
     from .traces import TraceError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # argparse would blame the top-level parser: name the subcommand they were given to
+            _usage(args, f"unrecognized arguments: {' '.join(extra)}")
+        check_args(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     args.quiet = bool(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)

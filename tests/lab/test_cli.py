@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from guestfs.lab.cli import build_parser, main, parse_pages
+from guestfs.lab.cli import UsageError, build_parser, main, parse_pages
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def lirs_file(tmp_path: Path, keys: list[int]) -> Path:
@@ -33,11 +38,46 @@ def test_parse_pages_units() -> None:
     assert parse_pages("5K") == 2  # bytes round up to whole pages
 
 
-def test_bad_size_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
+def test_bad_size_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="^guestfs lab simulate: error: argument --tmem: invalid size"):
         build_parser().parse_args(["simulate", "--trace", "x", "--tmem", "lots"])
-    assert info.value.code == 2
-    assert "invalid size" in capsys.readouterr().err
+
+
+def _run_guestfs(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "guestfs", *argv], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=60, check=False)
+
+
+def test_usage_error_is_one_line_on_stderr_through_the_guestfs_command(tmp_path: Path) -> None:
+    # was the whole 8-line usage before the error line
+    done = _run_guestfs("lab", "simulate", "--trace", "x", "--limit", "0", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "guestfs lab simulate: error: argument --limit: invalid count '0': must be >= 1\n"
+
+
+ONE_LINE_USAGE_ERRORS = [
+    [],  # no subcommand
+    ["nosuch"],
+    ["--bogus"],
+    ["simulate"],  # --trace is required
+    ["simulate", "--trace", "T", "--engine", "nosuch"],
+    ["mrc", "--trace", "T", "--extra"],
+    ["hitrate", "--clients", "2", "--weights", "1"],  # a check across options: named after the subcommand
+    ["keying", "--limit", "x"],
+    ["live", "--workload", "nosuch"],
+]
+
+
+@pytest.mark.parametrize("argv", ONE_LINE_USAGE_ERRORS, ids=[" ".join(a) or "(none)" for a in ONE_LINE_USAGE_ERRORS])
+def test_every_usage_error_is_exactly_one_line_exit_2(argv: list[str], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    trace = lirs_file(tmp_path, [1, 2, 3])
+    assert main([str(trace) if a == "T" else a for a in argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    command = argv[0] if argv and not argv[0].startswith("-") and argv[0] != "nosuch" else ""
+    assert captured.err.startswith(f"guestfs lab {command}: error: " if command else "guestfs lab: error: ")
 
 
 def test_malformed_trace_exit_1_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,13 +182,10 @@ def test_bad_values_are_usage_errors(argv: list[str], option: str, tmp_path: Pat
                                      capsys: pytest.CaptureFixture[str]) -> None:
     trace = lirs_file(tmp_path, [1, 2, 3])
     argv = [str(trace) if a == "T" else a for a in argv]
-    with pytest.raises(SystemExit) as info:
-        main(["--quiet", *argv, "--out", str(tmp_path / "out")] if argv[0] in ("live", "keying") else argv)
-    assert info.value.code == 2
+    assert main(["--quiet", *argv, "--out", str(tmp_path / "out")] if argv[0] in ("live", "keying") else argv) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    message = err.strip().splitlines()[-1]
-    assert message.startswith("guestfs lab") and f"error: argument {option}" in message
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"guestfs lab {argv[0]}: error: argument {option}")
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
