@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from tmemcore.sizes import parse_size, size_to_pages
+from tmemcore.sizes import MAX_SIZE, parse_size, size_to_pages
 
 
 class UsageError(Exception):
@@ -30,15 +30,26 @@ class UsageParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
+MAX_PAGES = size_to_pages(MAX_SIZE)
+
+
 def parse_pages(text: str) -> int:
-    """ "1000" -> 1000 pages; "64M" -> 16384 pages (bytes rounded up to whole 4 KiB pages); 0 allowed."""
+    """ "1000" -> 1000 pages; "64M" -> 16384 pages (bytes rounded up to whole 4 KiB pages); 0 allowed.
+
+    At most 1 TiB either way (the limit of ``tmemcore.sizes``).
+    """
     stripped = text.strip()
     if stripped.isdigit():
+        if int(stripped) > MAX_PAGES:
+            raise argparse.ArgumentTypeError(f"size {text!r} is larger than the 1 TiB limit ({MAX_PAGES:,} pages)")
         return int(stripped)
     try:
         return size_to_pages(parse_size(stripped))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (or a number of pages)") from None
+        if str(exc).startswith("invalid size"):  # parse_size's text speaks of bytes only; here a bare number is pages
+            raise argparse.ArgumentTypeError(
+                f"invalid size {text!r}: expected a number of 4 KiB pages, or bytes with a K/M/G/T suffix") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None  # too large: parse_size's sentence as it is
 
 
 def parse_positive_pages(text: str) -> int:

@@ -43,6 +43,20 @@ def test_bad_size_is_a_usage_error() -> None:
         build_parser().parse_args(["simulate", "--trace", "x", "--tmem", "lots"])
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("2T", "argument --tmem: size '2T' is larger than the 1 TiB limit"),  # had " (or a number of pages)" glued on
+    ("268435457", "argument --tmem: size '268435457' is larger than the 1 TiB limit (268,435,456 pages)"),
+    ("lots", "argument --tmem: invalid size 'lots': expected a number of 4 KiB pages, or bytes with a K/M/G/T suffix"),
+])
+def test_size_errors_read_right(text: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--trace", "x", "--tmem", text]) == 2
+    assert capsys.readouterr().err == f"guestfs lab simulate: error: {message}\n"
+
+
+def test_sizes_up_to_1_tib_are_accepted() -> None:
+    assert parse_pages("1T") == parse_pages("268435456") == 1 << 28
+
+
 def _run_guestfs(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-m", "guestfs", *argv], capture_output=True, text=True, cwd=cwd,
