@@ -2,7 +2,8 @@
 
 Formats (``--format`` or detected from the name and the first bytes):
 
-- ``lirs``   text, one block number per line; ``*`` (LIRS checkpoint marker) and blank lines skipped.
+- ``lirs``   text, one block number (0 .. 2**63-1, as in ``arc``) per line; ``*`` (LIRS checkpoint
+             marker) and blank lines skipped.
 - ``arc``    ARC ``.lis`` text, ``start count ignore reqno`` per line, expanded to blocks
              ``start .. start+count-1``.
 - ``oracle`` libCacheSim oracleGeneral binary, 24-byte little-endian records ``<IQIq``
@@ -20,7 +21,7 @@ treats every write like a read of the same pages (useful to compare with tools t
 Compression by suffix: ``.gz``, ``.xz``, ``.zst`` (the ``zstandard`` module, else the ``zstd`` CLI).
 
 A malformed trace raises ``TraceError`` whose message is one line naming the file and the line
-(text) or record (binary) number.
+(text) or record (binary) number: also a negative block number or one that does not fit int64.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ ORACLE_RECORD = np.dtype([("ts", "<u4"), ("obj_id", "<u8"), ("obj_size", "<u4"),
 assert ORACLE_RECORD.itemsize == 24
 # MSR keys pack (device id, page): 2**40 pages of 4 KiB is 4 PiB per disk, far beyond any MSR volume.
 MSR_PAGE_BITS = 40
+INT64_MAX = (1 << 63) - 1  # keys are int64: a block number must fit (0 .. INT64_MAX)
 
 
 class TraceError(ValueError):
@@ -167,7 +169,8 @@ def _bad_line(path: Path, lines: list[str], check) -> TraceError:
         reason = check(line)
         if reason:
             return TraceError(f"{path}: line {number}: {reason}: {line.strip()[:60]!r}")
-    return TraceError(f"{path}: malformed trace")
+    # a check that disagrees with its fast path is a bug here, not in the trace: say so rather than guess
+    return TraceError(f"{path}: malformed trace (no single bad line found; please report this trace)")
 
 
 def _check_lirs_line(line: str) -> str:
@@ -175,9 +178,17 @@ def _check_lirs_line(line: str) -> str:
     if not text or text == "*":
         return ""
     try:
-        int(text)
+        block = int(text)
     except ValueError:
         return "expected one integer block number"
+    return _check_block(block)
+
+
+def _check_block(block: int) -> str:
+    if block < 0:
+        return "negative block number"
+    if block > INT64_MAX:
+        return f"block number larger than {INT64_MAX} (int64)"
     return ""
 
 
@@ -190,7 +201,7 @@ def parse_lirs(path: Path, raw: bytes) -> tuple[np.ndarray, int]:
         raise _bad_line(path, text.splitlines(), _check_lirs_line) from None
     # tokens came from split(): a line with two numbers would slip through; check the line count.
     lines = [ln for ln in text.splitlines() if ln.strip() and ln.strip() != "*"]
-    if len(lines) != len(tokens):
+    if len(lines) != len(tokens) or (keys < 0).any():  # negative blocks: refused as in ARC traces
         raise _bad_line(path, text.splitlines(), _check_lirs_line)
     return keys, len(tokens)
 
@@ -207,6 +218,8 @@ def _check_arc_line(line: str) -> str:
         return "expected four integers"
     if values[1] < 0 or values[0] < 0:
         return "negative start or count"
+    if any(not -INT64_MAX - 1 <= v <= INT64_MAX for v in values) or values[0] + max(values[1] - 1, 0) > INT64_MAX:
+        return f"block numbers larger than {INT64_MAX} (int64)"
     return ""
 
 
@@ -230,6 +243,8 @@ def parse_arc(path: Path, raw: bytes) -> tuple[np.ndarray, int]:
         table = np.array(tokens, dtype=np.int64).reshape(-1, 4)
         if len(table) != sum(1 for ln in lines if ln.strip()) or (table[:, :2] < 0).any():
             raise ValueError
+        if (table[:, 0] > INT64_MAX - np.maximum(table[:, 1] - 1, 0)).any():
+            raise ValueError  # start+count-1 would wrap around
     except (ValueError, OverflowError):
         raise _bad_line(path, lines, _check_arc_line) from None
     return expand_runs(table[:, 0], table[:, 1]), len(table)
@@ -271,6 +286,9 @@ def parse_cloudphysics(path: Path, raw: bytes, include_writes: bool) -> tuple[np
                 raise ValueError
         except ValueError:
             raise TraceError(f"{path}: line {number}: expected version,time,op(hex),size,lbn: {line[:60]!r}") from None
+        if lbn * SECTOR_BYTES + size > INT64_MAX or op > INT64_MAX:
+            raise TraceError(f"{path}: line {number}: lbn, size or op too large (byte offsets must fit int64): "
+                             f"{line[:60]!r}")
         ops.append(op)
         sizes.append(size)
         lbns.append(lbn)
@@ -311,6 +329,9 @@ def parse_msr(path: Path, raw: bytes, include_writes: bool) -> tuple[np.ndarray,
                 f"{path}: line {number}: expected Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime: "
                 f"{line[:60]!r}"
             ) from None
+        if offset + size >= PAGE_BYTES << MSR_PAGE_BITS:
+            raise TraceError(f"{path}: line {number}: offset + size beyond {PAGE_BYTES << MSR_PAGE_BITS} bytes "
+                             f"(4 PiB per disk): {line[:60]!r}")
         if kind == "write" and not include_writes:
             continue
         records += 1
@@ -335,7 +356,9 @@ def load_trace(path: str | Path, fmt: str | None = None, *, include_writes: bool
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise TraceError(f"{path}: unknown trace format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if not path.is_file():
+    if path.is_dir():
+        raise TraceError(f"{path}: is a directory, not a trace file")
+    if not path.exists():
         raise TraceError(f"{path}: no such trace file")
     raw = read_bytes(path)
     fmt = fmt or detect_format(path, raw)

@@ -100,6 +100,15 @@ def test_compressed_traces(tmp_path: Path, suffix: str) -> None:
         ("bad.lis", "1 2 0 0\n1 2 0\n", "line 2"),
         ("bad.csv", "version,time,op,size,lbn\n1,2,28,512,9\n1,2,zz,512\n", "line 3"),
         ("msr.csv", "1,h,0,Read,0,512,1\n1,h,0,Read,-4,512,1\n", "line 2"),
+        # numbers past int64 were "huge.trace: malformed trace" (no line) or an OverflowError traceback
+        ("huge.trace", "1\n99999999999999999999999\n", "line 2: block number larger than"),
+        ("huge.lis", "1 1 0 1\n99999999999999999999 1 0 2\n", "line 2: block numbers larger than"),
+        ("wrap.lis", "1 1 0 1\n9223372036854775807 5 0 2\n", "line 2: block numbers larger than"),
+        ("huge.csv", "version,time,op,size,lbn\n1,2,28,512,99999999999999999999\n", "line 2: lbn, size or op too"),
+        ("hugemsr.csv", "1,h,0,Read,0,512,1\n1,h,0,Read,99999999999999999999,512,1\n", "line 2: offset + size"),
+        # a negative block was refused in .lis traces but replayed from LIRS text traces
+        ("neg.trace", "1\n2\n-5\n", "line 3: negative block number"),
+        ("neg.lis", "1 1 0 1\n-5 1 0 2\n", "line 2: negative start or count"),
     ],
 )
 def test_malformed_trace_error_names_file_and_line(tmp_path: Path, name: str, text: str, where: str) -> None:
@@ -114,6 +123,8 @@ def test_malformed_trace_error_names_file_and_line(tmp_path: Path, name: str, te
 def test_missing_and_empty_traces(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="no such trace file"):
         load_trace(tmp_path / "nope.trace")
+    with pytest.raises(TraceError, match="is a directory, not a trace file"):  # was "no such trace file"
+        load_trace(tmp_path)
     with pytest.raises(TraceError, match="no .*requests"):
         load_trace(write(tmp_path / "empty.trace", "*\n\n"))
 
