@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import parse_size, size_to_pages
-from .lab.cli import UsageError, UsageParser
+from .lab.cli import (
+    UsageError,
+    UsageParser,
+    describe_error,
+    input_file_problem,
+    non_negative_int,
+    out_dir_problem,
+)
 
 LIVE_COLUMNS = ["tmem", "reads", "wrong_reads", "first_chance_hit", "tmem_hit", "total_hit", "backing_MiB"]
 KEYING_LIVE_COLUMNS = ["abi", "fold", "mode", "reads", "wrong_reads", "succ_gets", "fold_collisions", "record_bytes"]
@@ -34,24 +41,22 @@ SWEEP_COLUMNS = ["tmem_pages", "baseline_hit_ratio", "exclusive_hit_ratio", "sha
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``guestfs demo``; returns the exit status (2: bad usage, one line on stderr)."""
-    parser = _parser()
     try:
-        args = parser.parse_args(argv)
-        try:
-            page_cache_pages = _pages(args.page_cache)
-            tmem_sizes = [_pages(s) for s in args.tmem_sizes.split(",")]
-            trace = _demo_trace(args.trace)
-            out = Path(args.out).resolve()
-            out.mkdir(parents=True, exist_ok=True)
-        except (ValueError, OSError) as exc:
-            parser.error(str(exc))
+        args = _parser().parse_args(argv)
+        problem = (input_file_problem("--trace", Path(args.trace)) if args.trace else "") \
+            or out_dir_problem("--out", Path(args.out))
+        if problem:  # a missing input is bad usage (exit 2), as in guestfs lab
+            raise UsageError(f"guestfs demo: error: {problem}")
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
     try:
-        return _run(args, out, page_cache_pages, tmem_sizes, trace)
+        trace = _demo_trace(args.trace)  # before any mount: a trace that cannot be parsed fails early (exit 1)
+        out = Path(args.out).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        return _run(args, out, args.page_cache, args.tmem_sizes, trace)
     except (OSError, RuntimeError, ValueError) as exc:  # a mount that fails, a full disk: one line, no traceback
-        print(f"guestfs demo: error: {exc}", file=sys.stderr)
+        print(f"guestfs demo: error: {describe_error(exc)}", file=sys.stderr)
         return 1
 
 
@@ -71,10 +76,19 @@ def _run(args: argparse.Namespace, out: Path, page_cache_pages: int, tmem_sizes:
 
 
 def _pages(text: str) -> int:
-    pages = size_to_pages(parse_size(text))
+    """An argparse type: a size in bytes (K/M/G suffixes) as 4 KiB pages, at least one page."""
+    try:
+        pages = size_to_pages(parse_size(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if pages < 1:
-        raise ValueError(f"size {text!r} must be at least one 4 KiB page")
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least one 4 KiB page")
     return pages
+
+
+def _page_list(text: str) -> list[int]:
+    """An argparse type: comma-separated sizes, each at least one page."""
+    return [_pages(part) for part in text.split(",")]
 
 
 def _positive_int(text: str) -> int:
@@ -97,11 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/demo", help="directory for CSV/JSON/PNG/Markdown results")
     p.add_argument("--files", type=_positive_int, default=120, help="files in the sample tree (real text from /usr/share)")
     p.add_argument("--reads", type=_positive_int, default=4000, help="4 KiB reads per live run")
-    p.add_argument("--page-cache", default="256K", help="first-chance page cache of each mount")
-    p.add_argument("--tmem-sizes", default="4K,1M,4M,16M", help="embedded tmem budgets to sweep (4K = one page: no tmem)")
+    p.add_argument("--page-cache", type=_pages, default="256K", help="first-chance page cache of each mount")
+    p.add_argument("--tmem-sizes", type=_page_list, default="4K,1M,4M,16M", help="embedded tmem budgets to sweep (4K = one page: no tmem)")
     p.add_argument("--trace", default=None,
                    help="trace for the size sweep (default: the shared LIRS multi2 trace, else a synthetic zipf)")
-    p.add_argument("--seed", type=int, default=1, help="workload seed")
+    p.add_argument("--seed", type=non_negative_int, default=1, help="workload seed")
     return p
 
 

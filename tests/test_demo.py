@@ -38,7 +38,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize("argv", [["--files", "0"], ["--reads", "-1"], ["--page-cache", "0"],
-                                  ["--trace", "/nonexistent/trace"], ["--tmem-sizes", "4K,zz"]])
+                                  ["--trace", "/nonexistent/trace"], ["--tmem-sizes", "4K,zz"], ["--seed", "-1"]])
 def test_demo_bad_arguments_are_one_line_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(argv) == 2
     err = capsys.readouterr().err
@@ -51,3 +51,29 @@ def test_demo_usage_error_through_the_guestfs_command_is_one_line(tmp_path: Path
                           cwd=tmp_path, env=env, timeout=60, check=False)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "guestfs demo: error: argument --files: 0 must be at least 1\n"  # was 4 lines
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--trace", "N"], "--trace N does not exist"),  # the lab said the same with exit 1: now both exit 2
+    (["--trace", "D"], "--trace D is a directory, not a file"),
+    (["--out", "F"], "--out F is not a directory"),
+    (["--page-cache", "0"], "argument --page-cache: size '0' must be at least one 4 KiB page"),  # names the option
+])
+def test_demo_bad_paths_and_sizes_name_the_option(argv: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "D").mkdir()
+    (tmp_path / "F").write_text("1\n")
+    names = {"N": str(tmp_path / "N"), "D": str(tmp_path / "D"), "F": str(tmp_path / "F")}
+    assert demo.main([names.get(a, a) for a in argv]) == 2
+    expected = " ".join(names.get(word, word) for word in message.split(" "))
+    assert capsys.readouterr().err == f"guestfs demo: error: {expected}\n"
+
+
+def test_demo_unparsable_trace_is_a_runtime_error_before_any_mount(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "bad.trace"
+    trace.write_text("1\nxyz\n")
+    assert demo.main(["--trace", str(trace), "--out", str(tmp_path / "out")]) == 1  # as guestfs lab: exit 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"{trace}: line 2" in captured.err
+    assert "live mounts" not in captured.out and not (tmp_path / "out").exists()

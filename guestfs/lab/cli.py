@@ -1,7 +1,9 @@
 """``guestfs lab``: trace-driven hit-rate experiments (simulate, mrc, hitrate, keying, live).
 
 Sizes are in pages (a bare number) or bytes with a K/M/G suffix (converted to 4 KiB pages).
-Errors in user input print one line and exit 1 (bad trace) or 2 (bad option); no tracebacks.
+Errors print one line on stderr, never a traceback: exit status 2 for bad usage (an unknown or
+bad option value, a --trace/--tree/--source that does not exist, an --out that is not a
+directory), 1 for a runtime failure (a trace that cannot be parsed, a mount that fails).
 """
 
 from __future__ import annotations
@@ -250,12 +252,62 @@ def _usage(args: argparse.Namespace, message: str) -> NoReturn:
     raise UsageError(f"guestfs lab {args.command}: error: {message}")
 
 
+def input_file_problem(option: str, path: Path) -> str:
+    """Why ``path``, named by ``option``, cannot be read as an input file ("" when it can be)."""
+    if path.is_dir():
+        return f"{option} {path} is a directory, not a file"
+    if not path.exists():
+        return f"{option} {path} does not exist"
+    return ""
+
+
+def input_dir_problem(option: str, path: Path) -> str:
+    """Why ``path`` cannot be read as an input directory tree ("" when it can be)."""
+    if not path.exists():
+        return f"{option} {path} does not exist"
+    if not path.is_dir():
+        return f"{option} {path} is not a directory"
+    return ""
+
+
+def out_dir_problem(option: str, path: Path) -> str:
+    """Why ``path`` cannot become an output directory: it, or the nearest existing parent, is not a directory."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or existing.is_dir():
+        return ""
+    if existing == path:
+        return f"{option} {path} is not a directory"
+    return f"{option} {path} cannot be created: {existing} is not a directory"
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """Checks that involve several options; raises ``UsageError`` (one line, exit status 2)."""
+    """Checks beyond one option's value; raises ``UsageError`` (one line, exit status 2).
+
+    Input files and trees named on the command line must exist (a missing one is bad usage, not a
+    runtime failure), and --out must be, or be creatable as, a directory: checked before any work.
+    """
     if args.command == "hitrate" and args.weights is not None:
         clients = max(args.clients, len(args.trace or []))
         if len(args.weights) != clients:
             _usage(args, f"argument --weights: {len(args.weights)} weights for {clients} clients")
+    traces = args.trace if isinstance(getattr(args, "trace", None), list) else [getattr(args, "trace", None)]
+    problems = [input_file_problem("--trace", trace) for trace in traces if trace is not None]
+    problems += [input_dir_problem("--tree", tree) for tree in getattr(args, "tree", None) or []]
+    if getattr(args, "source", None) is not None:
+        problems.append(input_dir_problem("--source", args.source))
+    if getattr(args, "out", None) is not None:
+        problems.append(out_dir_problem("--out", args.out))
+    problem = next((p for p in problems if p), "")
+    if problem:
+        _usage(args, problem)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a runtime failure: ``PATH: strerror`` for an OSError instead of "[Errno N] ..."."""
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+        return ": ".join([" -> ".join(names), exc.strerror] if names else [exc.strerror])
+    return str(exc)
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -360,11 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     args.quiet = bool(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)
-    except TraceError as exc:
-        print(f"guestfs lab: error: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"guestfs lab {args.command}: error: {exc}", file=sys.stderr)
+    except (TraceError, ValueError, OSError, RuntimeError) as exc:  # TraceError: a trace that cannot be parsed
+        print(f"guestfs lab {args.command}: error: {describe_error(exc)}", file=sys.stderr)
         return 1
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from guestfs.lab.cli import UsageError, build_parser, main, parse_pages
+from guestfs.lab.cli import COMMANDS, UsageError, build_parser, main, parse_pages
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,6 +100,47 @@ def test_malformed_trace_exit_1_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["simulate", "--trace", str(path), "--engine", "fast"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "broken.trace: line 3" in err and "Traceback" not in err
+    assert err.startswith("guestfs lab simulate: error: ")  # was "guestfs lab: error:" for trace errors only
+
+
+# --- input paths named on the command line: bad usage (exit 2), one clear line, before any work -----
+
+BAD_PATHS = [  # F: an existing regular file, D: an existing directory, N: a path that does not exist
+    (["simulate", "--trace", "N"], "--trace N does not exist"),  # was exit 1, "N: no such trace file"
+    (["simulate", "--trace", "D"], "--trace D is a directory, not a file"),  # was "D: no such trace file"
+    (["mrc", "--trace", "N"], "--trace N does not exist"),
+    (["hitrate", "--trace", "F", "--trace", "N"], "--trace N does not exist"),
+    (["keying", "--tree", "N"], "--tree N does not exist"),  # was exit 1, "[Errno 2] No such file or directory"
+    (["keying", "--tree", "F"], "--tree F is not a directory"),
+    (["live", "--source", "N"], "--source N does not exist"),  # was exit 1, "N: no files to read"
+    (["mrc", "--trace", "F", "--out", "F"], "--out F is not a directory"),  # was exit 1, "[Errno 17] File exists"
+    (["hitrate", "--out", "F/sub"], "--out F/sub cannot be created: F is not a directory"),
+    (["keying", "--tree", "D", "--out", "F"], "--out F is not a directory"),
+    (["live", "--out", "F"], "--out F is not a directory"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_PATHS, ids=[" ".join(a) for a, _ in BAD_PATHS])
+def test_bad_input_paths_are_one_line_usage_errors(argv: list[str], message: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    names = {"F": str(lirs_file(tmp_path, [1, 2, 3])), "D": str(tmp_path / "dir"), "N": str(tmp_path / "nope")}
+    (tmp_path / "dir").mkdir()
+
+    def real(text: str) -> str:
+        return re.sub(r"\b[FDN]\b", lambda m: names[m.group()], text)
+
+    assert main(["--quiet", *[real(a) for a in argv]]) == 2
+    assert capsys.readouterr().err == f"guestfs lab {argv[0]}: error: {real(message)}\n"
+
+
+def test_runtime_os_errors_are_one_line_without_errno_text(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def fails(args: argparse.Namespace) -> int:
+        raise PermissionError(13, "Permission denied", "results/keying/keying.csv")
+
+    monkeypatch.setitem(COMMANDS, "keying", fails)
+    assert main(["keying", "--tree", "/"]) == 1
+    assert capsys.readouterr().err == "guestfs lab keying: error: results/keying/keying.csv: Permission denied\n"
 
 
 def test_simulate_fast_json_with_opt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
