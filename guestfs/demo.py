@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import parse_size, size_to_pages
 from .lab.cli import (
+    HelpFormatter,
     UsageError,
     UsageParser,
     describe_error,
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="guestfs demo",
         description="Mount a cached filesystem on an embedded tmem host, run a read workload, "
         "show hit rates and the v0/v1 keying comparison, sweep tmem sizes on a trace, unmount.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,  # one "(default: ...)" per option, as in guestfs lab
     )
     p.add_argument("--out", default="results/demo", help="directory for CSV/JSON/PNG/Markdown results")
     p.add_argument("--files", type=_positive_int, default=120, help="files in the sample tree (real text from /usr/share)")

@@ -77,3 +77,14 @@ def test_demo_unparsable_trace_is_a_runtime_error_before_any_mount(tmp_path: Pat
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and f"{trace}: line 2" in captured.err
     assert "live mounts" not in captured.out and not (tmp_path / "out").exists()
+
+
+def test_demo_help_shows_one_default_per_option_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    text = demo._parser().format_help()
+    flat = " ".join(text.split())
+    assert "(default: None)" not in flat  # --trace had its own default and then "(default: None)"
+    assert flat.count("(default: the shared LIRS multi2 trace, else a synthetic zipf)") == 1
+    assert flat.count("(default: ") == 7  # one per option but --help
+    assert max(len(line) for line in text.splitlines()) <= 80
+

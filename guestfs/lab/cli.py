@@ -1,6 +1,7 @@
 """``guestfs lab``: trace-driven hit-rate experiments (simulate, mrc, hitrate, keying, live).
 
-Sizes are in pages (a bare number) or bytes with a K/M/G suffix (converted to 4 KiB pages).
+Sizes are in pages (a bare number) or bytes with a K/M/G/T suffix (converted to 4 KiB pages),
+at most 1 TiB.
 Errors print one line on stderr, never a traceback: exit status 2 for bad usage (an unknown or
 bad option value, a --trace/--tree/--source that does not exist, an --out that is not a
 directory), 1 for a runtime failure (a trace that cannot be parsed, a mount that fails).
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -116,14 +119,20 @@ def _default_text(default: object) -> str:
     return str(default)
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with exactly one "(default: ...)".
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal paragraph by paragraph; every option's help ends with
+    exactly one "(default: ...)". Shared with ``guestfs demo``.
 
     The text is rendered from the default value; an option whose default is None (meaning
     "computed at run time") must spell its default out in its help, which is then left alone.
     Required options get none. Flags whose default is suppressed (``--quiet`` repeated in each
     subcommand, so it does not override the top-level one) read "off".
     """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text.strip())]
+        return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent)
+                           for p in paragraphs)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
@@ -165,11 +174,13 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = UsageParser(prog="guestfs lab", description=__doc__, formatter_class=_Formatter)
+    # plain text in --help: the module docstring without its RST literal markup
+    parser = UsageParser(prog="guestfs lab", description=(__doc__ or "").replace("``", ""),
+                         formatter_class=HelpFormatter)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=UsageParser)
 
-    sim = sub.add_parser("simulate", formatter_class=_Formatter,
+    sim = sub.add_parser("simulate", formatter_class=HelpFormatter,
                          help="replay a trace through page cache + tmem; one row per --tmem size",
                          description="Replay a trace of page reads through the real first-chance page cache, "
                          "cleancache frontend, in-process transport and tmemcore host (engine 'stack'), or the "
@@ -186,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_quiet(sim)
 
-    mrc = sub.add_parser("mrc", formatter_class=_Formatter, help="exact LRU miss-ratio curve of a trace",
+    mrc = sub.add_parser("mrc", formatter_class=HelpFormatter, help="exact LRU miss-ratio curve of a trace",
                          description="Print (and with --out write CSV/JSON/PNG) the exact LRU hit/miss-ratio curve.")
     _add_trace_options(mrc)
     mrc.add_argument("--sizes", type=parse_positive_page_list, default="auto",
@@ -196,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     mrc.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_quiet(mrc)
 
-    hit = sub.add_parser("hitrate", formatter_class=_Formatter, help="tmem-size sweep, exclusive vs shared, clients",
+    hit = sub.add_parser("hitrate", formatter_class=HelpFormatter, help="tmem-size sweep, exclusive vs shared, clients",
                          description="Miss-ratio curves over tmem sizes behind a fixed page cache: no-tmem baseline, "
                          "Belady bound, exclusive (private pool) vs non-exclusive (shared pool) second chance; "
                          "with --clients K, K guests share one host budget with --weights.")
@@ -215,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     hit.add_argument("--out", type=Path, default=None, help="output directory (default: ./results/hitrate)")
     _add_quiet(hit)
 
-    key = sub.add_parser("keying", formatter_class=_Formatter, help="v0-vs-v1 file keying comparison",
+    key = sub.add_parser("keying", formatter_class=HelpFormatter, help="v0-vs-v1 file keying comparison",
                          description="(a) keys of real file trees: handle types/sizes, collisions of v1 and each "
                          "v0 fold, inode reuse; --btrfs adds a btrfs image with two subvolumes; (b) --live runs the "
                          "same reads through real mounts with --abi v1 and v0 (each fold).")
@@ -227,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--out", type=Path, default=None, help="output directory (default: ./results/keying)")
     _add_quiet(key)
 
-    live = sub.add_parser("live", formatter_class=_Formatter, help="zipf workload through a real mount, tmem sweep",
+    live = sub.add_parser("live", formatter_class=HelpFormatter, help="zipf workload through a real mount, tmem sweep",
                           description="A seeded zipf read workload (fio when it can run, else a built-in reader) "
                           "through a real guestfs mount for each tmem size, with and without compression. "
                           "--source is only read: fio reads a file in a private scratch tree made from it.")

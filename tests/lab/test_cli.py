@@ -281,3 +281,17 @@ def test_every_option_shows_exactly_one_default(parser: argparse.ArgumentParser)
     assert "(default: None)" not in help_text
     assert not re.search(r"\(default: [^)]*\) \(default:", help_text)  # was "(default: detected) (default: None)"
     assert "--quiet no progress bars (default: off)" in help_text
+
+
+def test_top_level_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "guestfs lab: trace-driven" in out and "``" not in out  # was "``guestfs lab``:"
+
+
+@pytest.mark.parametrize("parser", _all_parsers(), ids=lambda p: p.prog)
+def test_help_is_wrapped_to_the_terminal(parser: argparse.ArgumentParser, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = parser.format_help().splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
