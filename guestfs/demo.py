@@ -250,7 +250,7 @@ def _write_results(out: Path, results: dict[str, Any]) -> None:
     report.write_csv(out / "live.csv", results["live"])
     report.write_csv(out / "keying_trees.csv", results["keying"]["trees"])
     if results["keying"]["live"]:
-        report.write_csv(out / "keying_live.csv", results["keying"]["live"])
+        report.write_csv(out / "keying-live.csv", results["keying"]["live"])  # the name guestfs lab keying uses
     sweep = results["sweep"]["rows"]
     report.write_csv(out / "sweep.csv", sweep)
     live = results["live"]

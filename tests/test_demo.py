@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from guestfs import demo
+from guestfs.lab.keying import keying_table
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(180, method="thread")]
 
@@ -88,3 +89,19 @@ def test_demo_help_shows_one_default_per_option_wrapped(monkeypatch: pytest.Monk
     assert flat.count("(default: ") == 7  # one per option but --help
     assert max(len(line) for line in text.splitlines()) <= 80
 
+
+def test_demo_results_use_the_lab_file_names(tmp_path: Path) -> None:
+    live = [{"tmem": "4 KiB", "tmem_pages": 1, "reads": 10, "wrong_reads": 0, "first_chance_hit": 0.5,
+             "tmem_hit": 0.1, "total_hit": 0.6, "backing_MiB": 0.1}]
+    keying_live = [{"abi": "v1", "fold": "-", "mode": "v1", "reads": 10, "wrong_reads": 0, "succ_gets": 1,
+                    "fold_collisions": 0, "record_bytes": 56}]
+    sweep = [{"tmem_pages": 0, "baseline_hit_ratio": 0.5, "exclusive_hit_ratio": 0.5, "shared_hit_ratio": 0.5,
+              "lru_total_hit_ratio": 0.5, "belady_hit_ratio": 0.6, "victim_identity_holds": True, "wrong_bytes": 0}]
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a").write_text("a")
+    results = {"live": live, "keying": {"trees": keying_table([tree]), "live": keying_live},
+               "sweep": {"trace": "t", "page_cache_pages": 1, "rows": sweep}}
+    demo._write_results(tmp_path / "out", results)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "keying-live.csv" in names and "keying_live.csv" not in names  # as guestfs lab keying writes it
