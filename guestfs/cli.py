@@ -52,8 +52,11 @@ class UsageError(Exception):
     """Bad command-line input; reported as one line with exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
+class UsageParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump): ``PROG: error: MESSAGE``, exit status 2.
+
+    ``error`` raises ``UsageError``; each ``main`` prints it and returns 2 (guestfs, lab, demo).
+    """
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message}")
@@ -82,8 +85,8 @@ def _default_binding() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="guestfs", description="FUSE passthrough filesystem with a tmem second-chance page cache.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = UsageParser(prog="guestfs", description="FUSE passthrough filesystem with a tmem second-chance page cache.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     mount = commands.add_parser("mount", help="mount SOURCE at MOUNTPOINT (returns once the mount is live)",
                                 description="Mount the directory SOURCE at MOUNTPOINT through guestfs. Without -f the "

@@ -23,11 +23,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from .cli import UsageError, UsageParser
 from .config import parse_size, size_to_pages
 from .lab.cli import (
     HelpFormatter,
-    UsageError,
-    UsageParser,
     describe_error,
     input_file_problem,
     non_negative_int,

@@ -18,21 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from guestfs.cli import UsageError, UsageParser
 from tmemcore.sizes import MAX_SIZE, parse_size, size_to_pages
-
-
-class UsageError(Exception):
-    """Bad command-line input; reported as one line on stderr with exit status 2 (as ``guestfs``)."""
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump): ``PROG: error: MESSAGE``, exit status 2.
-
-    ``error`` raises ``UsageError``; ``main`` prints it and returns 2. Shared with ``guestfs demo``.
-    """
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: error: {message}")
 
 
 MAX_PAGES = size_to_pages(MAX_SIZE)
