@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: %(default)s)")
     mount.add_argument("-o", metavar="OPTS", dest="fuse_options", action="append", default=[],
                        help="extra FUSE options, comma-separated: allow_other, default_permissions, noatime, nodev, "
-                            "nosuid, noexec, fsname=, entry_timeout=, negative_timeout= (default: none)")
+                            "nosuid, noexec, fsname=, entry_timeout=, negative_timeout= (default: none; the "
+                            "mount is always nodev,nosuid)")
     mount.add_argument("--log", metavar="FILE", default=None,
                        help="daemon log file when detached (default: $XDG_RUNTIME_DIR or /tmp, "
                             "guestfs-UID/<mountpoint>.log)")

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import xxhash
 
 AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_FOLLOW = 0x400
+AT_FDCWD = -100
 MAX_HANDLE_SZ = 128
 LINUX_KEY_BYTES = 24  # CLEANCACHE_KEY_MAX (6) u32 words
 FS_IOC_GETVERSION = 0x80087601
@@ -104,15 +106,25 @@ _NAME_TO_HANDLE_AT = _load_name_to_handle_at()  # a constant function pointer, l
 
 def file_handle(fd: int) -> tuple[int, bytes] | None:
     """(handle_type, handle bytes) of an open file, or None when the filesystem has no handles."""
+    return _handle_at(fd, b"", AT_EMPTY_PATH, f"fd {fd}")
+
+
+def path_handle(path: str) -> tuple[int, bytes] | None:
+    """``file_handle`` of the file at ``path`` (symlinks followed) without opening it, so it needs no
+    read or write permission on the file: the same handle its open descriptor would give."""
+    return _handle_at(AT_FDCWD, os.fsencode(path), AT_SYMLINK_FOLLOW, path)
+
+
+def _handle_at(dirfd: int, name: bytes, flags: int, what: str) -> tuple[int, bytes] | None:
     fh = _FileHandle()
     fh.handle_bytes = MAX_HANDLE_SZ
     mount_id = ctypes.c_int(0)
-    if _NAME_TO_HANDLE_AT(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH) == 0:
+    if _NAME_TO_HANDLE_AT(dirfd, name, ctypes.byref(fh), ctypes.byref(mount_id), flags) == 0:
         return fh.handle_type, bytes(fh.f_handle[: fh.handle_bytes])
     err = ctypes.get_errno()
     if err in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
         return None
-    raise OSError(err, f"name_to_handle_at(fd {fd}): {os.strerror(err)}")
+    raise OSError(err, f"name_to_handle_at({what}): {os.strerror(err)}", what if dirfd == AT_FDCWD else None)
 
 
 def inode_generation(fd: int) -> int | None:
@@ -140,9 +152,18 @@ def key_from_stat(fd: int, st: os.stat_result) -> FileKey:
     """The key of an open file whose stat is already known (saves one fstat)."""
     found = file_handle(fd)
     if found is not None:
-        handle_type, handle = found
-        oid, source = oid_from_handle(handle_type, handle)
-        return FileKey(oid, source, handle_type, handle, st.st_dev, st.st_ino)
+        return _handle_key(found, st)
+    return _inode_key(fd, st)
+
+
+def _handle_key(found: tuple[int, bytes], st: os.stat_result) -> FileKey:
+    handle_type, handle = found
+    oid, source = oid_from_handle(handle_type, handle)
+    return FileKey(oid, source, handle_type, handle, st.st_dev, st.st_ino)
+
+
+def _inode_key(fd: int, st: os.stat_result) -> FileKey:
+    """No handles: (inode, generation) when the filesystem reports one, else (inode, ctime)."""
     generation = inode_generation(fd)
     if generation is not None:
         return FileKey(st.st_ino | generation << 64, "ino-gen", -1, b"", st.st_dev, st.st_ino)
@@ -155,9 +176,21 @@ def key_for_fd(fd: int) -> FileKey:
 
 
 def key_for_path(path: str) -> FileKey:
-    """The key of the file at ``path`` (opened read-only briefly; symlinks are followed)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """The key of the file at ``path`` (symlinks are followed), equal to ``key_for_fd`` of it opened.
+
+    With file handles nothing is opened, so a file the daemon may not read or write (mode 0200 or 0000
+    under a non-root daemon) still has its key for unlink, rename-over and truncate. Without handles the
+    generation ioctl needs a descriptor: the file is opened briefly, read-only or else write-only.
+    """
+    st = os.stat(path)
+    found = path_handle(path)
+    if found is not None:
+        return _handle_key(found, st)
     try:
-        return key_for_fd(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except PermissionError:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        return _inode_key(fd, os.fstat(fd))
     finally:
         os.close(fd)

@@ -80,7 +80,14 @@ def _fuse_class(binding: types.ModuleType) -> type:
 
 
 class _FusepyOps(Ops):
-    """fusepy dispatches every callback through ``operations(name, *args)``; mfusepy ignores __call__."""
+    """fusepy dispatches every callback through ``operations(name, *args)``; mfusepy ignores __call__.
+
+    fusepy copies ``flag_*`` attributes into libfuse2's ``fuse_operations``: ``flag_utime_omit_ok`` makes
+    libfuse2 pass UTIME_OMIT/UTIME_NOW on (without it, setting one timestamp, e.g. ``touch -m``, is
+    silently dropped); libfuse3 always does.
+    """
+
+    flag_utime_omit_ok = True
 
     def __call__(self, op: str, *args: Any) -> Any:
         return getattr(self, op)(*args)
@@ -120,6 +127,9 @@ def mount(config: MountConfig) -> int:
     from guestfs.transport import ServerUnreachable
 
     binding = load_binding(config.binding)
+    # The kernel has already applied the caller's umask to the modes of create/mkdir/mknod; the daemon's
+    # own umask must not narrow them again (libfuse's passthrough example does the same).
+    os.umask(0)
     try:
         stack = build_stack(config.stack_config())  # fallible setup happens before FUSE() (see fuse-notes §1.5)
     except ServerUnreachable as exc:
@@ -187,7 +197,9 @@ def start_mount(source: str, mountpoint: str, args: list[str], timeout: float = 
     if not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     log_path = log_path or default_log_path(mountpoint)
-    command = [sys.executable, "-m", "guestfs", "mount", "-f", source, mountpoint, *args]
+    # -P: no current directory on sys.path, so a ./guestfs package where the user stands can never run
+    # as the (root) daemon; _child_env puts this very package first instead.
+    command = [sys.executable, "-P", "-m", "guestfs", "mount", "-f", source, mountpoint, *args]
     try:
         log = open(log_path, "ab")
     except OSError as exc:

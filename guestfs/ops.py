@@ -37,11 +37,15 @@ UTIME_OMIT = (1 << 30) - 2
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
 
-# The kernel owns O_APPEND positioning (it sends absolute offsets); O_DIRECT on the backing fd would
-# make pread into Python's unaligned buffers fail with EINVAL. O_CREAT/O_EXCL belong to create() only
-# (kept there: an O_EXCL create must fail if the file appeared behind the mount since the lookup).
-_STRIPPED_OPEN_FLAGS = os.O_DIRECT | os.O_APPEND | os.O_NOCTTY
+# O_DIRECT on the backing fd would make pread into Python's unaligned buffers fail with EINVAL.
+# O_APPEND is kept: the kernel's append offset comes from its cached size, which is stale after a write
+# through another hard-link name or behind the mount; the backing fd's O_APPEND puts the bytes at the
+# real end (PageIO.write(append=True)). O_CREAT/O_EXCL belong to create() only (kept there: an O_EXCL
+# create must fail if the file appeared behind the mount since the lookup).
+_STRIPPED_OPEN_FLAGS = os.O_DIRECT | os.O_NOCTTY
 _CREATE_ONLY_FLAGS = os.O_CREAT | os.O_EXCL
 
 _STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_rdev", "st_blocks", "st_blksize")
@@ -67,6 +71,7 @@ class OpenFile:
 
     fd: int
     key: FileKey
+    append: bool = False  # opened O_APPEND: every write goes to the backing file's real end
 
 
 def fuse_callback(handler: _Handler) -> _Handler:
@@ -100,8 +105,8 @@ class Ops:
     * Attributes and lookups are cached by the kernel for ``attr_timeout``/``entry_timeout`` (1 s by
       default): a change made directly in the backing directory may show stale ``stat`` results for that
       long. File *data* is never stale: PageIO revalidates size/mtime/ctime on every read.
-    * O_APPEND is resolved by the kernel from its cached size; an append through the mount racing an
-      external append to the same file within the attribute timeout can land at the old end.
+    * O_APPEND is kept on the backing descriptor, so an append lands at the backing file's real end
+      even when the kernel's cached size is stale (another hard-link name, a writer behind the mount).
     * Permission checks are those of the daemon's credentials unless mounted with
       ``-o default_permissions``; the daemon does not switch to the caller's uid.
     * ``utimens`` sentinels (UTIME_NOW/UTIME_OMIT) are mapped to "now"/"keep" via a stat; that is not
@@ -110,8 +115,12 @@ class Ops:
       listed by ``listxattr`` and cannot be set or removed.
     * Rename flags (NOREPLACE/EXCHANGE) reach us only where the binding passes them (guestfs.mount
       patches mfusepy on libfuse3 to do so); libfuse2 never sends them.
-    * An open file unlinked through the mount is renamed to ``.fuse_hiddenXXXX`` by libfuse (no
-      ``hard_remove``) and unlinked at its last close; its pages are forgotten then.
+    * An open file unlinked or renamed over through the mount is first renamed to ``.fuse_hiddenXXXX``
+      by libfuse (no ``hard_remove``: with it, fstat of an open unlinked file fails, because the kernel
+      asks for its attributes by path) and unlinked at its last close; its pages are forgotten then.
+      Two libfuse consequences (bindfs shares them): renaming a hard link onto another, open link of the
+      same file removes the source name (POSIX: nothing happens), and a rename that fails after libfuse
+      hid its open target loses that target at its last close.
     * Paths are re-walked by name in the backing tree (like libfuse's passthrough example): a writer of
       the backing tree can race a directory-for-symlink swap. Not for untrusted backing trees.
     * Not implemented: fallocate, copy_file_range, lseek(SEEK_DATA/HOLE), ioctl, lock forwarding.
@@ -165,7 +174,7 @@ class Ops:
             raise
         with self._fh_guard:
             fh = next(self._fh_numbers)
-            self._files[fh] = OpenFile(fd, key)
+            self._files[fh] = OpenFile(fd, key, append=bool(fi.flags & os.O_APPEND))
         fi.fh = fh
         fi.direct_io = 1  # every read reaches the daemon: exact hit accounting, no double caching
         return 0
@@ -210,8 +219,10 @@ class Ops:
 
     @fuse_callback
     def access(self, path: str, amode: int) -> int:
-        if not os.access(self._backing(path), amode, follow_symlinks=False):
-            raise OSError(errno.EACCES, path)
+        """faccessat(2) itself, for its errno (EROFS, EPERM on an immutable file, ...), not just EACCES."""
+        if _libc().faccessat(AT_FDCWD, os.fsencode(self._backing(path)), amode, AT_SYMLINK_NOFOLLOW) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
         return 0
 
     @fuse_callback
@@ -328,7 +339,7 @@ class Ops:
     @fuse_callback
     def write(self, path: str, data: bytes, offset: int, fh: FileInfo) -> int:
         open_file = self._open_file(fh)
-        return self._pageio.write(open_file.key, open_file.fd, data, offset)
+        return self._pageio.write(open_file.key, open_file.fd, data, offset, append=open_file.append)
 
     @fuse_callback
     def truncate(self, path: str, length: int, fh: FileInfo | None = None) -> int:
@@ -338,8 +349,9 @@ class Ops:
             self._pageio.truncate(open_file.key, length)
             return 0
         backing = self._backing(path)
+        key = self._key_for_path(backing)  # first: a file whose key cannot be had is left untouched
         os.truncate(backing, length)
-        self._pageio.truncate(self._key_for_path(backing), length)
+        self._pageio.truncate(key, length)
         return 0
 
     @fuse_callback
@@ -362,7 +374,11 @@ class Ops:
         with self._fh_guard:
             open_file = self._files.pop(fh.fh, None)
         if open_file is not None:
-            os.close(open_file.fd)
+            try:
+                if os.fstat(open_file.fd).st_nlink == 0:  # the last close of an unlinked file: its pages are garbage
+                    self._pageio.forget(open_file.key)
+            finally:
+                os.close(open_file.fd)
         return 0
 
     # -- extended attributes (and the virtual stats attribute on the root) -------------------------
@@ -446,8 +462,7 @@ def _libc() -> ctypes.CDLL:
 
 def _renameat2(source: str, target: str, flags: int) -> None:
     """renameat2(2) for RENAME_NOREPLACE/RENAME_EXCHANGE (no stdlib wrapper in Python 3.11)."""
-    at_fdcwd = -100
-    result = _libc().renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), ctypes.c_uint(flags))
+    result = _libc().renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), ctypes.c_uint(flags))
     if result != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), target)

@@ -211,8 +211,13 @@ class PageIO:
 
     # --- writes and invalidation -------------------------------------------------------------
 
-    def write(self, key: FileKey, fd: int, data: bytes, offset: int) -> int:
-        """Write through to the backing file, then make the caches forget what it touched."""
+    def write(self, key: FileKey, fd: int, data: bytes, offset: int, *, append: bool = False) -> int:
+        """Write through to the backing file, then make the caches forget what it touched.
+
+        ``append``: ``fd`` was opened O_APPEND, so the bytes land at the backing file's end whatever
+        ``offset`` says (the kernel computes it from a size that may be stale); the pages from the old
+        end to the new one are the ones touched.
+        """
         if offset < 0:
             raise ValueError(f"write needs offset >= 0, got {offset}")
         before = os.fstat(fd)
@@ -221,14 +226,20 @@ class PageIO:
         written = 0
         view = memoryview(data)
         while written < len(view):
-            written += os.pwrite(fd, view[written:], offset + written)
+            if append:
+                written += os.write(fd, view[written:])
+            else:
+                written += os.pwrite(fd, view[written:], offset + written)
         after = os.fstat(fd)
+        start, end = offset, offset + written
+        if append:  # from the old end (or where the bytes landed, if smaller) to the new end
+            start, end = min(old_size, after.st_size - written), after.st_size
         with self._lock:
             self.writes += 1
             self.bytes_written += written
             state = self._state_locked(key, after)
-            if written:
-                touched = range(offset >> PAGE_SHIFT, ((offset + written - 1) >> PAGE_SHIFT) + 1)
+            if end > start:
+                touched = range(start >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1)
                 for index in touched:
                     self._drop_page_locked(key, index)
             if after.st_size > old_size and old_size % PAGE_SIZE:

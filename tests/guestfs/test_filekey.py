@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tmemcore.oid import Oid
 
-from guestfs.filekey import FileKey, file_handle, key_for_fd, key_for_path, oid_from_handle
+from guestfs.filekey import FileKey, file_handle, key_for_fd, key_for_path, oid_from_handle, path_handle
 
 
 def test_key_of_a_real_file_is_its_handle_words(tmp_path: Path) -> None:
@@ -46,6 +46,23 @@ def test_key_for_fd_matches_key_for_path(tmp_path: Path) -> None:
         assert key_for_fd(fd) == key_for_path(str(path))
     finally:
         os.close(fd)
+
+
+def test_key_for_path_needs_no_access_to_the_file(tmp_path: Path) -> None:
+    """unlink, rename-over and truncate key a file by path: a mode-0000 file must not stop them (for a
+    non-root daemon; root is not refused anyway): with handles, nothing is opened."""
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        expected = key_for_fd(fd)
+    finally:
+        os.close(fd)
+    if expected.source != "handle":
+        pytest.skip("no handles here")
+    path.chmod(0)
+    assert path_handle(str(path)) == (expected.handle_type, expected.handle)
+    assert key_for_path(str(path)) == expected
 
 
 def test_recreated_file_gets_a_new_key(tmp_path: Path) -> None:

@@ -43,9 +43,9 @@ class RecordingPageIO:
         self.calls.append(("read", key, offset, size))
         return os.pread(fd, size, offset)
 
-    def write(self, key: FileKey, fd: int, data: bytes, offset: int) -> int:
+    def write(self, key: FileKey, fd: int, data: bytes, offset: int, *, append: bool = False) -> int:
         self.calls.append(("write", key, offset, len(data)))
-        return os.pwrite(fd, data, offset)
+        return os.write(fd, data) if append else os.pwrite(fd, data, offset)
 
     def truncate(self, key: FileKey, length: int) -> None:
         self.calls.append(("truncate", key, length))
@@ -145,9 +145,12 @@ class TestAttributes:
         result = ops.statfs("/")
         assert result["f_bsize"] == os.statvfs(backing).f_bsize and result["f_namemax"] > 0
 
-    def test_access(self, ops: Ops) -> None:
+    def test_access_passes_the_backing_errno_through(self, ops: Ops, backing: Path) -> None:
         assert ops.access("/dir/a.txt", os.R_OK) == 0
-        assert errno_of(ops.access, "/nope", os.R_OK) == errno.EACCES
+        assert errno_of(ops.access, "/nope", os.R_OK) == errno.ENOENT  # as faccessat says, not a blanket EACCES
+        (backing / "dir" / "a.txt").chmod(0o644)
+        expected = 0 if os.access(backing / "dir" / "a.txt", os.X_OK) else errno.EACCES  # (root: no x bit, EACCES)
+        assert (errno_of(ops.access, "/dir/a.txt", os.X_OK) if expected else ops.access("/dir/a.txt", os.X_OK)) == expected
 
 
 class TestUtimens:

@@ -97,6 +97,22 @@ def test_write_past_eof_extends_and_old_last_page_is_refreshed(pio: PageIO, back
     assert pio.read(backing.key, backing.fd, 0, 1 << 20) == expected
 
 
+def test_append_lands_at_the_real_end_and_drops_what_it_touched(pio: PageIO, backing: Backing) -> None:
+    """An O_APPEND descriptor: the kernel's offset may be stale (another hard-link name, a writer behind
+    the mount); the bytes go to the real end and the pages from the old end on are dropped."""
+    pio.read(backing.key, backing.fd, 0, 1 << 20)  # the partial last page is cached short
+    with open(backing.path, "ab") as behind:  # grows behind the cache, then our append comes
+        behind.write(b"B" * 300)
+    appender = os.open(backing.path, os.O_WRONLY | os.O_APPEND)
+    try:
+        assert pio.write(backing.key, appender, b"A" * 50, 7, append=True) == 50  # offset 7 is stale: ignored
+    finally:
+        os.close(appender)
+    assert pio.read(backing.key, backing.fd, 0, 1 << 20) == backing.path.read_bytes()
+    assert backing.path.read_bytes().endswith(b"B" * 300 + b"A" * 50)
+    pio.check()
+
+
 def test_truncate_drops_the_file(pio: PageIO, backing: Backing) -> None:
     pio.read(backing.key, backing.fd, 0, 1 << 20)
     os.ftruncate(backing.fd, PAGE + 1)
