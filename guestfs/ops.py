@@ -39,6 +39,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
+FALLOC_FL_KEEP_SIZE = 0x01
 
 # O_DIRECT on the backing fd would make pread into Python's unaligned buffers fail with EINVAL.
 # O_APPEND is kept: the kernel's append offset comes from its cached size, which is stale after a write
@@ -123,7 +124,8 @@ class Ops:
       hid its open target loses that target at its last close.
     * Paths are re-walked by name in the backing tree (like libfuse's passthrough example): a writer of
       the backing tree can race a directory-for-symlink swap. Not for untrusted backing trees.
-    * Not implemented: fallocate, copy_file_range, lseek(SEEK_DATA/HOLE), ioctl, lock forwarding.
+    * Not implemented: copy_file_range, lseek(SEEK_DATA/HOLE), ioctl, lock forwarding (and fallocate
+      with fusepy, which has no such callback).
     """
 
     use_ns = True  # bindings exchange integer nanoseconds (float seconds are deprecated and lossy)
@@ -352,6 +354,19 @@ class Ops:
         key = self._key_for_path(backing)  # first: a file whose key cannot be had is left untouched
         os.truncate(backing, length)
         self._pageio.truncate(key, length)
+        return 0
+
+    @fuse_callback
+    def fallocate(self, path: str, mode: int, offset: int, length: int, fh: FileInfo) -> int:
+        """fallocate(2) on the backing file (mfusepy; fusepy has no such callback). A mode that changes
+        bytes (punch hole, zero, collapse or insert range) drops the file's cached pages; plain
+        allocation changes no byte (growth past the end is seen by the size check on read)."""
+        open_file = self._open_file(fh)
+        if _libc().fallocate(open_file.fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            self._pageio.invalidate(open_file.key)
         return 0
 
     @fuse_callback

@@ -252,6 +252,11 @@ class PageIO:
         """After the backing file was truncated to ``length``: drop all of the file's pages."""
         if length < 0:
             raise ValueError(f"truncate needs length >= 0, got {length}")
+        self.invalidate(key)
+
+    def invalidate(self, key: FileKey) -> None:
+        """The file's bytes changed in ways a write does not describe (truncate, a punched hole): drop
+        all of its pages; the next read adopts the file's new stat."""
         with self._lock:
             state = self._files.get(key)
             self._drop_file_locked(key)

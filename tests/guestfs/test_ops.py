@@ -50,6 +50,9 @@ class RecordingPageIO:
     def truncate(self, key: FileKey, length: int) -> None:
         self.calls.append(("truncate", key, length))
 
+
+    def invalidate(self, key: FileKey) -> None:
+        self.calls.append(("invalidate", key))
     def forget(self, key: FileKey) -> None:
         self.calls.append(("forget", key))
 
@@ -184,6 +187,23 @@ class TestUtimens:
 
 
 class TestFileData:
+    def test_fallocate_passes_through_and_a_punched_hole_drops_the_pages(
+            self, ops: Ops, pageio: RecordingPageIO, backing: Path) -> None:
+        fi = create_file(ops, "/f", b"x" * 8192)
+        assert ops.fallocate("/f", 0, 0, 4 * 4096, fi) == 0  # plain allocation: grows, changes no byte
+        assert os.stat(backing / "f").st_size == 4 * 4096
+        assert not [c for c in pageio.calls if c[0] == "invalidate"]
+        punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        try:
+            ops.fallocate("/f", punch, 0, 4096, fi)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                pytest.skip("no hole punching on this file system")
+            raise
+        assert (backing / "f").read_bytes()[:4096] == bytes(4096)
+        assert pageio.calls[-1][0] == "invalidate"
+        assert errno_of(ops.fallocate, "/f", 0, -1, 10, fi) == errno.EINVAL  # the backing errno
+
     def test_open_sets_direct_io_and_reads_through_pageio(self, ops: Ops, pageio: RecordingPageIO) -> None:
         fi = open_file(ops, "/dir/a.txt")
         assert fi.direct_io == 1 and fi.fh > 0
