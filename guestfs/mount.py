@@ -67,7 +67,9 @@ def libfuse_major(binding: types.ModuleType) -> int:
 
 
 def _fuse_class(binding: types.ModuleType) -> type:
-    """mfusepy's rename_fuse_3 drops libfuse3's rename flags; pass them on (NOREPLACE/EXCHANGE)."""
+    """mfusepy on libfuse3, completed: its rename_fuse_3 drops libfuse3's rename flags (we pass them on:
+    NOREPLACE/EXCHANGE), and it declares libfuse3's lseek callback without a wrapper (we add one, so
+    SEEK_DATA/SEEK_HOLE reach the backing file and sparse files stay sparse for cp)."""
     if binding.__name__ != "mfusepy" or libfuse_major(binding) != 3:
         return binding.FUSE
 
@@ -75,6 +77,11 @@ def _fuse_class(binding: types.ModuleType) -> type:
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             decode = self.encoding, self.errors
             return self.operations.rename(old.decode(*decode), new.decode(*decode), flags)  # type: ignore[no-any-return]
+
+        def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
+            fh = fip.contents if self.raw_fi else fip.contents.fh
+            name = None if path is None else path.decode(self.encoding, self.errors)
+            return self.operations.lseek(name, offset, whence, fh)  # type: ignore[no-any-return]
 
     return GuestFUSE
 

@@ -124,8 +124,8 @@ class Ops:
       hid its open target loses that target at its last close.
     * Paths are re-walked by name in the backing tree (like libfuse's passthrough example): a writer of
       the backing tree can race a directory-for-symlink swap. Not for untrusted backing trees.
-    * Not implemented: copy_file_range, lseek(SEEK_DATA/HOLE), ioctl, lock forwarding (and fallocate
-      with fusepy, which has no such callback).
+    * Not implemented: copy_file_range, ioctl, lock forwarding (and with fusepy, which has no such
+      callbacks: fallocate and lseek SEEK_DATA/SEEK_HOLE).
     """
 
     use_ns = True  # bindings exchange integer nanoseconds (float seconds are deprecated and lossy)
@@ -368,6 +368,12 @@ class Ops:
         if mode & ~FALLOC_FL_KEEP_SIZE:
             self._pageio.invalidate(open_file.key)
         return 0
+
+    @fuse_callback
+    def lseek(self, path: str, offset: int, whence: int, fh: FileInfo) -> int:
+        """SEEK_DATA/SEEK_HOLE (the kernel handles the other whences itself) on the backing file; our
+        reads and writes are positional, so moving the backing descriptor's offset is harmless."""
+        return os.lseek(self._open_file(fh).fd, offset, whence)
 
     @fuse_callback
     def flush(self, path: str, fh: FileInfo) -> int:

@@ -110,3 +110,24 @@ def test_fallocate_through_the_mount(mount_factory: MountFactory) -> None:
     expected = b"x" * 4096 + bytes(4096) + b"x" * 4096 + bytes(2 * 4096)
     assert (m.source / "f").read_bytes() == expected
     assert (m.mnt / "f").read_bytes() == expected  # never the cached x's of the punched page
+
+
+def test_seek_data_and_hole_reach_the_backing_file(mount_factory: MountFactory) -> None:
+    """SEEK_DATA/SEEK_HOLE (libfuse3's lseek): a sparse file's holes show through the mount, as cp needs."""
+    m = mount_factory()
+    with open(m.source / "sparse", "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"data")
+    fd = os.open(m.source / "sparse", os.O_RDONLY)
+    try:
+        expected = os.lseek(fd, 0, os.SEEK_DATA)
+    finally:
+        os.close(fd)
+    if expected == 0:
+        pytest.skip("the backing file system reports no holes")
+    fd = os.open(m.mnt / "sparse", os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == expected and os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.pread(fd, 4, 1 << 20) == b"data"  # positional reads do not care where lseek left it
+    finally:
+        os.close(fd)
