@@ -148,7 +148,10 @@ class Client:
         if shared:
             pool = host.join_shared_pool(self, pool_id, uuid, persistent=persistent, version=version)
         else:
-            pool = host.new_pool_object(self, pool_id, persistent=persistent, shared=False, uuid=uuid, version=version)
+            # a private pool has no uuid (Xen keeps one for shared pools only): LIST, SAVE_GET_POOL_UUID
+            # and the save stream show (0, 0), also for a guest that asked to share and was refused
+            pool = host.new_pool_object(self, pool_id, persistent=persistent, shared=False, uuid=(0, 0),
+                                        version=version)
         self.pools[pool_id] = pool
         self.version = version
         return pool_id

@@ -323,9 +323,19 @@ class Tmem:
         return save_client(self, client_id, fileobj, live=live)
 
     def restore(self, client_id: int, fileobj: IO[bytes], convert: bool = False) -> None:
+        """Restore a client from a save stream, all or nothing (savestream.restore_client).
+
+        One transaction under the host lock. A shared pool the stream names may already exist, and
+        then the restore joins it; its puts make the restoring client the last client of the objects
+        they touch, and a sharer that leaves takes its objects with it (Xen's shared_pool_quit). So a
+        rollback first undoes that: it flushes the pages the restore added to existing shared pools
+        and gives each touched object back to its previous last client, and only then destroys the
+        client, so other clients' pages in those objects survive.
+        """
         from .savestream import restore_client
 
-        restore_client(self, client_id, fileobj, convert=convert)
+        with self.lock:
+            restore_client(_RollbackGuard(self), client_id, fileobj, convert=convert)
 
     # --- invariants -----------------------------------------------------------------------------
 
@@ -374,3 +384,32 @@ class Tmem:
                 self.codec.dedup.check(pcd_refs)
             else:
                 assert not pcd_refs, "dedup descriptors without dedup"
+
+
+class _RollbackGuard:
+    """``Tmem`` as savestream's ControlHost for one restore: remembers the shared pools as they were
+    (their handles and last clients) and undoes the restore's traces in them before ``destroy_client``."""
+
+    def __init__(self, host: Tmem) -> None:
+        self.host = host
+        self.do_tmem_op = host.do_tmem_op
+        self.spec_version = host.spec_version
+        self.accepted_versions = host.accepted_versions
+        self._before = {
+            pool: ({oid: set(obj) for oid, obj in pool.objects.items()}, dict(pool.last_client))
+            for pool in host.shared_pools if pool is not None
+        }
+
+    def destroy_client(self, client_id: int) -> None:
+        client = self.host.clients.get(client_id)
+        for pool, (handles, last_client) in self._before.items():
+            if client is None or pool not in client.pools:
+                continue
+            for oid in [oid for oid in pool.objects if oid not in handles]:
+                pool.flush_object(oid)  # created by the restore: leaving would destroy it anyway
+            for oid, indexes in handles.items():
+                for index in [i for i in pool.objects.get(oid, {}) if i not in indexes]:
+                    pool.flush_page(oid, index)  # a page the restore added to an existing object
+                if oid in pool.objects and oid in last_client:
+                    pool.last_client[oid] = last_client[oid]  # the object goes back to its last client
+        self.host.destroy_client(client_id)

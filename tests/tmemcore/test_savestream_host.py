@@ -347,3 +347,37 @@ def test_shared_pools_keep_their_uuid():
     target = restored(raw)
     assert saved(target, 4) == raw
     assert [p.uuid for p in target.client(4).pools if p is not None] == [(5, 6), (7, 8)]
+
+
+def test_private_pools_are_saved_without_a_uuid():
+    """Xen keeps a uuid for shared pools only; a private pool's is (0, 0) in the stream, as in LIST."""
+    source = Tmem(memory_pages=8)
+    source.client(1).new_pool(persistent=True, uuid=(5, 6))  # a private pool: its uuid is not kept
+    assert [p.uuid for p in decode_stream(saved(source)).pools] == [(0, 0)]
+
+
+def test_a_rolled_back_restore_leaves_other_clients_pages_in_a_shared_pool():
+    """The restore joins an existing shared persistent pool and writes into an object that client 1
+    also has pages in; the rollback (no room for a later page) must not take client 1's pages along
+    when the restoring client leaves the pool (a sharer that leaves takes the objects it touched last)."""
+    shared, persistent_shared = (0x1234, 0x5678), abi.TMEM_POOL_PERSIST | abi.TMEM_POOL_SHARED
+    source = Tmem(memory_pages=16)
+    op = source.do_tmem_op
+    assert op(9, abi.new_pool_record(abi.pool_flags() | persistent_shared, shared)) == 0
+    assert op(9, abi.new_pool_record(abi.pool_flags(persistent=True))) == 1
+    assert op(9, abi.gen_record(abi.TMEM_PUT_PAGE, 0, 5, 0), bytearray(PAGE_1)) == 1  # into client 1's object 5
+    for oid in range(3):
+        assert op(9, abi.gen_record(abi.TMEM_PUT_PAGE, 1, oid, 0), bytearray(PAGE_2)) == 1
+    raw = saved(source, 9)
+
+    target = Tmem(memory_pages=5)
+    op = target.do_tmem_op
+    assert op(1, abi.new_pool_record(abi.pool_flags() | persistent_shared, shared)) == 0
+    for oid, index in ((5, 1), (5, 2), (6, 0)):
+        assert op(1, abi.gen_record(abi.TMEM_PUT_PAGE, 0, oid, index), bytearray(PAGE_3)) == 1
+    before = pages_of(target, 1)
+    with pytest.raises(StreamError, match="rolled back"):  # 3 + 1 + 3 persistent pages do not fit in 5
+        target.restore(9, io.BytesIO(raw))
+    assert 9 not in target.clients and pages_of(target, 1) == before
+    assert target.client(1).handle(0)._pool.last_client == {5: 1, 6: 1}
+    target.check()
