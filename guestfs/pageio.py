@@ -49,6 +49,7 @@ from .filekey import FileKey
 from .pagecache import PageCache
 
 Validators = tuple[int, int, int]  # st_size, st_mtime_ns, st_ctime_ns
+PRUNE_FILES_MIN = 4096  # per-file states kept before the first prune of states that guard no page
 
 
 class _FileState:
@@ -94,7 +95,11 @@ class PageIO:
         # evicted (put to tmem, then got back at twice the cost) before they are read.
         self.readahead_pages = min(readahead_pages, page_cache_pages // 8)
         self._lock = threading.Lock()
+        # Per-file validators exist while a file has pages cached here or tracked in tmem; the states
+        # of files with neither are pruned (amortized: when the table doubles), so reading millions of
+        # files once does not grow the daemon without bound.
         self._files: dict[FileKey, _FileState] = {}
+        self._prune_at = PRUNE_FILES_MIN
         self._keys_by_source: Counter[str] = Counter()
         self.reads = 0
         self.writes = 0
@@ -225,11 +230,17 @@ class PageIO:
             old_size = self._revalidate_locked(key, before).validators[0]  # type: ignore[index]
         written = 0
         view = memoryview(data)
-        while written < len(view):
-            if append:
-                written += os.write(fd, view[written:])
-            else:
-                written += os.pwrite(fd, view[written:], offset + written)
+        try:
+            while written < len(view):
+                if append:
+                    written += os.write(fd, view[written:])
+                else:
+                    written += os.pwrite(fd, view[written:], offset + written)
+        except OSError:
+            if not written:
+                raise
+            # Some bytes landed (e.g. ENOSPC after a short write): report them, as write(2) does, and
+            # drop what they touched below; the caller's next write gets the error.
         after = os.fstat(fd)
         start, end = offset, offset + written
         if append:  # from the old end (or where the bytes landed, if smaller) to the new end
@@ -267,7 +278,7 @@ class PageIO:
         """The file's last link is gone (or renamed over): drop its pages and state."""
         with self._lock:
             self._drop_file_locked(key)
-            self._files.pop(key, None)
+            self._forget_state_locked(key)
 
     def revalidate(self, key: FileKey, st: os.stat_result) -> None:
         """Drop the file's pages if size, mtime_ns or ctime_ns changed since they were cached."""
@@ -278,9 +289,8 @@ class PageIO:
         """Drop everything and destroy the tmem pool (DESTROY_POOL)."""
         with self._lock:
             self.cache.clear()
-            for state in self._files.values():
-                state.generation += 1
-            self._files.clear()
+            for key in list(self._files):
+                self._forget_state_locked(key)
             self.cleancache.invalidate_fs()
 
     # --- introspection -----------------------------------------------------------------------
@@ -322,9 +332,28 @@ class PageIO:
     def _state_locked(self, key: FileKey, st: os.stat_result) -> _FileState:
         state = self._files.get(key)
         if state is None:
+            if len(self._files) >= self._prune_at:
+                self._prune_locked()
             state = self._files[key] = _FileState(validators_of(st))
             self._keys_by_source[key.source] += 1
         return state
+
+    def _prune_locked(self) -> None:
+        """Forget the states of files with no page cached here and none possibly in tmem: their
+        validators guard nothing (a later read starts afresh). A reader that revalidated such a file
+        before the prune finds its state gone and does not cache what it loaded (``_cache_loaded``)."""
+        keep = set(self.cache.cached_files()) | set(self.cleancache.tracked_keys())
+        for key in [key for key in self._files if key not in keep]:
+            self._forget_state_locked(key)
+        self._prune_at = max(PRUNE_FILES_MIN, 2 * len(self._files))
+
+    def _forget_state_locked(self, key: FileKey) -> None:
+        state = self._files.pop(key, None)
+        if state is not None:
+            state.generation += 1
+            self._keys_by_source[key.source] -= 1
+            if not self._keys_by_source[key.source]:
+                del self._keys_by_source[key.source]
 
     def _revalidate_locked(self, key: FileKey, st: os.stat_result) -> _FileState:
         state = self._state_locked(key, st)

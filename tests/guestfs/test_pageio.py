@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,3 +280,57 @@ def test_no_read_ahead_into_a_tiny_cache(pio: PageIO, backing: Backing) -> None:
     for off in range(0, 5 * PAGE, PAGE):
         pio.read(backing.key, backing.fd, off, PAGE)
     assert pio.stats()["readahead_loaded"] == 0
+
+
+def test_file_states_are_pruned_when_they_guard_no_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading many files once must not grow the per-file table without bound: a state whose file has
+    no page cached and none tracked in tmem is dropped at the next prune; the others stay, and the
+    bytes stay right for every file."""
+    monkeypatch.setattr(pageio_module, "PRUNE_FILES_MIN", 16)
+    cc = CleanCache(InProcessTransport(pytest.importorskip("tmemcore").Tmem(memory_pages=8)), max_tracked_pages=8)
+    cc.init_fs()
+    io = PageIO(4, cc)
+    contents = {}
+    try:
+        for n in range(200):
+            path = tmp_path / f"f{n}"
+            contents[n] = os.urandom(PAGE)
+            path.write_bytes(contents[n])
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                assert io.read(key_for_fd(fd), fd, 0, PAGE) == contents[n]
+            finally:
+                os.close(fd)
+            io.check()  # every cached or tracked page still has its file's state
+        files = io.stats()["files"]
+        assert files <= 2 * (16 + 4 + 8) and files == sum(v for k, v in io.stats().items() if k.startswith("keys_"))
+        for n in (0, 199):  # re-reading an old (pruned) and a recent file still returns its bytes
+            fd = os.open(tmp_path / f"f{n}", os.O_RDONLY)
+            try:
+                assert io.read(key_for_fd(fd), fd, 0, PAGE) == contents[n]
+            finally:
+                os.close(fd)
+    finally:
+        io.close()
+
+
+def test_a_write_cut_short_by_an_error_reports_what_landed(
+        pio: PageIO, backing: Backing, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC after a short write: return the bytes written (as write(2)) and drop what they touched."""
+    pio.read(backing.key, backing.fd, 0, 1 << 20)  # cached
+    real_pwrite = os.pwrite
+    calls = []
+
+    def one_page_then_full(fd: int, data: bytes, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, bytes(data[:PAGE]), offset)
+
+    monkeypatch.setattr(pageio_module.os, "pwrite", one_page_then_full)
+    assert pio.write(backing.key, backing.fd, b"N" * (2 * PAGE), 0) == PAGE
+    assert backing.path.read_bytes()[:PAGE] == b"N" * PAGE
+    assert pio.read(backing.key, backing.fd, 0, 2 * PAGE) == backing.path.read_bytes()[: 2 * PAGE]
+    with pytest.raises(OSError) as nothing_landed:  # the next write: nothing lands, the error itself
+        pio.write(backing.key, backing.fd, b"M" * PAGE, 0)
+    assert nothing_landed.value.errno == errno.ENOSPC
