@@ -31,6 +31,7 @@ from .lab.cli import (
     input_file_problem,
     non_negative_int,
     out_dir_problem,
+    positive_int,
 )
 
 LIVE_COLUMNS = ["tmem", "reads", "wrong_reads", "first_chance_hit", "tmem_hit", "total_hit", "backing_MiB"]
@@ -91,16 +92,6 @@ def _page_list(text: str) -> list[int]:
     return [_pages(part) for part in text.split(",")]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = UsageParser(
         prog="guestfs demo",
@@ -109,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,  # one "(default: ...)" per option, as in guestfs lab
     )
     p.add_argument("--out", default="results/demo", help="directory for CSV/JSON/PNG/Markdown results")
-    p.add_argument("--files", type=_positive_int, default=120, help="files in the sample tree (real text from /usr/share)")
-    p.add_argument("--reads", type=_positive_int, default=4000, help="4 KiB reads per live run")
+    p.add_argument("--files", type=positive_int, default=120, help="files in the sample tree (real text from /usr/share)")
+    p.add_argument("--reads", type=positive_int, default=4000, help="4 KiB reads per live run")
     p.add_argument("--page-cache", type=_pages, default="256K", help="first-chance page cache of each mount")
     p.add_argument("--tmem-sizes", type=_page_list, default="4K,1M,4M,16M", help="embedded tmem budgets to sweep (4K = one page: no tmem)")
     p.add_argument("--trace", default=None,

@@ -395,11 +395,7 @@ class Ops:
         with self._fh_guard:
             open_file = self._files.pop(fh.fh, None)
         if open_file is not None:
-            try:
-                if os.fstat(open_file.fd).st_nlink == 0:  # the last close of an unlinked file: its pages are garbage
-                    self._pageio.forget(open_file.key)
-            finally:
-                os.close(open_file.fd)
+            os.close(open_file.fd)
         return 0
 
     # -- extended attributes (and the virtual stats attribute on the root) -------------------------

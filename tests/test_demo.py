@@ -51,7 +51,7 @@ def test_demo_usage_error_through_the_guestfs_command_is_one_line(tmp_path: Path
     done = subprocess.run([sys.executable, "-m", "guestfs", "demo", "--files", "0"], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=60, check=False)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == "guestfs demo: error: argument --files: 0 must be at least 1\n"  # was 4 lines
+    assert done.stderr == "guestfs demo: error: argument --files: invalid count '0': must be >= 1\n"  # was 4 lines
 
 
 @pytest.mark.parametrize(("argv", "message"), [

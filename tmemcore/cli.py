@@ -31,12 +31,12 @@ EXIT_USAGE = 2
 LIST_BUFFER = 1 << 20
 
 
-class UsageError(Exception):
-    """Bad command-line input (exit 2, one line)."""
+class UsageError(ValueError):
+    """Bad command-line input (exit 2, one line): tmemctl's and tmemd's."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (no usage dump)."""
+class UsageParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (no usage dump), for tmemctl and tmemd."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -64,7 +64,7 @@ def client_id(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="tmemctl",
         description="Inspect/convert tmem save streams and control a running tmemd.",
     )
@@ -73,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "and save need it)")
     parser.add_argument("--timeout", type=positive_seconds, default=2.0,
                         help="seconds per server request (default: %(default)s)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=UsageParser)
 
     stream = commands.add_parser("stream", help="work on save-stream files (no server needed)")
     stream_commands = stream.add_subparsers(dest="stream_command", required=True, metavar="ACTION",
-                                            parser_class=_Parser)
+                                            parser_class=UsageParser)
     inspect = stream_commands.add_parser("inspect", help="show what a stream holds")
     inspect.add_argument("file", type=Path, help="stream file (starts with the -5 marker)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")

@@ -31,9 +31,10 @@ import struct
 import sys
 import threading
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 from . import abi, wire
+from .cli import UsageError, UsageParser
 from .errors import TmemError
 from .sizes import parse_size, size_to_pages
 
@@ -276,19 +277,8 @@ def _remove_stale_unix_socket(path: str) -> None:
 # ====================================================================== command line
 
 
-class UsageError(ValueError):
-    """Bad command-line input: one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (no usage dump), still exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog="tmemd",
         description="Serve a tmem host to remote guests (wire protocol: tmemcore/wire.py). "
         "No authentication: listen on loopback or a unix socket only. A guest's pools are destroyed "

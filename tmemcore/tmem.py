@@ -392,9 +392,6 @@ class _RollbackGuard:
 
     def __init__(self, host: Tmem) -> None:
         self.host = host
-        self.do_tmem_op = host.do_tmem_op
-        self.spec_version = host.spec_version
-        self.accepted_versions = host.accepted_versions
         self._before = {
             pool: ({oid: set(obj) for oid, obj in pool.objects.items()}, dict(pool.last_client))
             for pool in host.shared_pools if pool is not None
@@ -413,3 +410,6 @@ class _RollbackGuard:
                 if oid in pool.objects and oid in last_client:
                     pool.last_client[oid] = last_client[oid]  # the object goes back to its last client
         self.host.destroy_client(client_id)
+
+    def __getattr__(self, name: str) -> Any:  # everything else (do_tmem_op, versions) is the host's
+        return getattr(self.host, name)
