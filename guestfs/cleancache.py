@@ -8,8 +8,8 @@ One private ephemeral tmem pool per backing filesystem: ``init_fs`` sends NEW_PO
 Page frames: a get lands in the frontend's reusable 4096-byte ``bytearray`` and is copied out as
 ``bytes``. A put of a full ``bytes`` page hands that page itself to the transport as the frame:
 it is immutable, so the host may keep it without the copy a reused frame needs (the in-process
-host does; ``tmemd``'s wire sends its bytes as before). Shorter or mutable pages are copied,
-zero-padded, into the reusable frame.
+host does; ``tmemd``'s wire sends its bytes as before). Shorter or mutable pages are sent as a
+zero-padded ``bytes`` copy.
 
 ABI (``abi``):
 
@@ -142,7 +142,7 @@ class CleanCache:
         self.disabled_reason = ""
         self._pool_id = -1
         self._version = SPEC_V1
-        self._page = bytearray(PAGE_SIZE)  # reused for every put and get
+        self._page = bytearray(PAGE_SIZE)  # the frame every get lands in
         self._objects: dict[FileKey, _Object] = {}
         self._owners: dict[int, FileKey] = {}
         # wire oid + record pieces per key, kept across object lifetimes (a file's object comes
@@ -260,34 +260,19 @@ class CleanCache:
 
     def put_page(self, key: FileKey, index: int, data: bytes) -> None:
         """Offer a clean page (<= 4096 bytes, zero-padded) to tmem. Always "succeeds"."""
-        if self._pool_id < 0:  # not active (the property costs a frame on this hot path)
+        obj = self._objects.get(key)  # an object exists only while the pool is active
+        if obj is None or type(data) is not bytes or len(data) != PAGE_SIZE or index > MAX_INDEX:
+            self._put_page_general(key, index, data, obj)
             return
-        size = len(data)
-        if size > PAGE_SIZE:
-            raise ValueError(f"a page is at most {PAGE_SIZE} bytes, got {size}")
+        # A full immutable page of a file that has pages in the pool (the common case): the host
+        # may keep the page itself, no frame copy.
         self.puts += 1
-        obj = self._objects.get(key)
-        if obj is None:
-            obj = self._claim(key, index)
-            if obj is None:
-                self.puts_dropped += 1
-                return
-        elif index > MAX_INDEX:
-            self.index_overflows += 1
-            self.puts_dropped += 1
-            return
-        if size == PAGE_SIZE and type(data) is bytes:
-            page: bytes | bytearray = data  # immutable: the host may keep it as is, no frame copy
-        else:
-            page = self._page
-            page[:size] = data
-            page[size:] = _ZERO_PAGE[size:]
         indexes = obj.indexes
         if index not in indexes:
             indexes.add(index)
             self._tracked += 1
         try:
-            rc = self.transport.call(obj.splice(obj.put_head, index, obj.tail), page)
+            rc = self.transport.call(obj.splice(obj.put_head, index, obj.tail), data)
         except OSError as exc:
             rc = self._transport_failed(exc)
         if rc != 1:
@@ -295,28 +280,33 @@ class CleanCache:
         if self._tracked > self.max_tracked_pages:
             self._flush_oldest_object()
 
-    def put_pages(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
-        """``put_page`` of each ``(index, page)`` in order, with the per-run lookups done once."""
-        objects = self._objects
-        call = self.transport.call
-        for index, data in pages:
-            obj = objects.get(key)
-            if obj is None or type(data) is not bytes or len(data) != PAGE_SIZE or index > MAX_INDEX:
-                self.put_page(key, index, data)  # claim, copy, pad, refuse: the general path
-                continue
+    def _put_page_general(self, key: FileKey, index: int, data: bytes, obj: _Object | None) -> None:
+        """What ``put_page``'s common case does not take: an inactive pool (nothing to do), a page
+        over 4096 bytes (an error), a file with no object yet (claim its wire oid), an index past
+        the record's u32 (dropped), a short or mutable page (sent as a zero-padded copy)."""
+        if self._pool_id < 0:  # not active
+            return
+        size = len(data)
+        if size > PAGE_SIZE:
+            raise ValueError(f"a page is at most {PAGE_SIZE} bytes, got {size}")
+        if obj is None:
+            obj = self._claim(key, index)  # None: the oid is another key's, or the index overflows
+        elif index > MAX_INDEX:
+            self.index_overflows += 1
+            obj = None
+        if obj is None:
             self.puts += 1
-            tracked = obj.indexes
-            if index not in tracked:
-                tracked.add(index)
-                self._tracked += 1
-            try:
-                rc = call(obj.splice(obj.put_head, index, obj.tail), data)  # immutable: no frame copy
-            except OSError as exc:
-                rc = self._transport_failed(exc)
-            if rc != 1:
-                self.host_put_failures += 1
-            if self._tracked > self.max_tracked_pages:
-                self._flush_oldest_object()
+            self.puts_dropped += 1
+            return
+        if size != PAGE_SIZE or type(data) is not bytes:
+            data = bytes(data) + _ZERO_PAGE[size:]
+        self.put_page(key, index, data)  # the common case now
+
+    def put_pages(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
+        """``put_page`` of each ``(index, page)`` in order."""
+        put = self.put_page
+        for index, data in pages:
+            put(key, index, data)
 
     def holds_any(self, key: FileKey, indexes: list[int]) -> bool:
         """True when any of the pages may be in tmem."""

@@ -178,7 +178,7 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
         cleancache = self.cleancache
         data = cleancache.get_page(key, index)
         if data is not None:
-            self._store(key, index, data)
+            self._store(key, index, data, file_id)  # get_page leaves this cache alone: file_id holds
             return data, "tmem"
         # get_page left this page untracked (a get, hit or miss, untracks it; a page never put was
         # not tracked), and only a put can track it again -- every put_page/put_pages that tracks a
@@ -189,7 +189,7 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
             raise ValueError(f"a page is at most {PAGE_SIZE} bytes, got {len(data)}")
         if cleancache.puts != puts and cleancache.holds(key, index):  # the loader put a copy to tmem
             cleancache.invalidate_page(key, index)
-        self._store(key, index, data)
+        self._store(key, index, data)  # the loader may have changed this cache: look the file up again
         return data, "backing"
 
     def insert(self, key: FileKey, index: int, data: bytes) -> None:
@@ -307,8 +307,10 @@ class PageCache(LRUCache):  # type: ignore[type-arg]
             key = self._keys[file_id]
             assert not self.cleancache.holds(key, index), f"page {key}/{index} is both cached and in tmem"
 
-    def _store(self, key: FileKey, index: int, data: bytes) -> None:
-        file_id = self._ids.get(key)
+    def _store(self, key: FileKey, index: int, data: bytes, file_id: int | None = None) -> None:
+        """Cache a page; ``file_id`` is ``key``'s id when the caller just looked it up (saves a hash)."""
+        if file_id is None:
+            file_id = self._ids.get(key)
         if file_id is None:
             file_id = self._next_id
             self._next_id += 1

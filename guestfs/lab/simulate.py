@@ -337,9 +337,12 @@ def replay_into(guest: StackParts, keys: np.ndarray | list[int], progress: Progr
     request_keys = list(map(key_of_file.__getitem__, file_numbers))
     indexes = (unsigned & np.uint64(INDEX_MASK)).tolist()
     units = stamp_units(unsigned)  # one numpy pass instead of a struct pack per request
-    get_or_load = guest.cache.get_or_load
+    cache, cleancache = guest.cache, guest.cleancache
+    get_or_load = cache.get_or_load
     checker = StampCheck()
-    counts = {"page-cache": 0, "tmem": 0, "backing": 0}
+    # Where each request was served, from the stack's own counters (cheaper than tallying each
+    # ``get_or_load`` answer here): first-chance hits, and of the misses the tmem hits.
+    hits, misses, tmem_hits = cache.hits, cache.misses, cleancache.succ_gets
     repeat = PAGE_BYTES // _STAMP.size
     total = len(units)
     for start in range(0, total, CHUNK):
@@ -348,8 +351,7 @@ def replay_into(guest: StackParts, keys: np.ndarray | list[int], progress: Progr
             expected = unit * repeat  # == stamp_page(key)
             # The loader returns ``expected`` itself (bytes.__bytes__ of an exact bytes object is
             # the object): a C-level bound method, cheaper to make and call than a lambda.
-            data, where = get_or_load(file_key, index, expected.__bytes__)
-            counts[where] += 1
+            data = get_or_load(file_key, index, expected.__bytes__)[0]
             if data is not expected and data != expected:
                 checker.verify(data, stamp_key(unit))
         if progress is not None:
@@ -357,6 +359,8 @@ def replay_into(guest: StackParts, keys: np.ndarray | list[int], progress: Progr
         if check_every and (start // CHUNK) % max(1, check_every // CHUNK) == 0:
             guest.cache.check()
             guest.cleancache.check()
+    tmem_hits = cleancache.succ_gets - tmem_hits
+    counts = {"page-cache": cache.hits - hits, "tmem": tmem_hits, "backing": cache.misses - misses - tmem_hits}
     counts["wrong_reads"] = checker.wrong_reads
     counts["wrong_bytes"] = checker.wrong_bytes
     return counts
