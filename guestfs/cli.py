@@ -32,6 +32,7 @@ from guestfs.config import (
     parse_pages,
     parse_seconds,
 )
+from tmemcore.cli import reader_gone
 
 DEFAULT_PAGE_CACHE = "16M"
 DEFAULT_TMEM = "256M"
@@ -326,12 +327,14 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in _DELEGATES:
-        return run_delegate(argv[0], argv[1:])
     try:
+        if argv and argv[0] in _DELEGATES:
+            return run_delegate(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         runners = {"mount": run_mount, "umount": run_umount, "stats": run_stats}
         return runners[args.command](args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `guestfs lab mrc ... | head`
+        return reader_gone()

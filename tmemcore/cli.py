@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from types import MappingProxyType
@@ -294,6 +295,16 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def reader_gone() -> int:
+    """The reader of our stdout went away (``tmemctl list | head``): nothing to report. Stdout is
+    pointed at /dev/null so the interpreter's last flush cannot fail again; the status is the one a
+    shell shows for a process that SIGPIPE ended (128 + 13)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    return 128 + signal.SIGPIPE
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "stream":
         return cmd_inspect(args) if args.stream_command == "inspect" else cmd_convert(args)
@@ -314,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), EXIT_USAGE)
     except StreamError as exc:
         return fail(str(exc), EXIT_DATA)
+    except BrokenPipeError:
+        return reader_gone()
     except OSError as exc:  # missing files, refused or timed-out connections
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         return fail(f"{where}{exc.strerror or exc}", EXIT_DATA)

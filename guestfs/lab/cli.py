@@ -4,7 +4,8 @@ Sizes are in pages (a bare number) or bytes with a K/M/G/T suffix (converted to 
 at most 1 TiB.
 Errors print one line on stderr, never a traceback: exit status 2 for bad usage (an unknown or
 bad option value, a --trace/--tree/--source that does not exist, an --out that is not a
-directory), 1 for a runtime failure (a trace that cannot be parsed, a mount that fails).
+directory), 1 for a runtime failure (a trace that cannot be parsed, a mount that fails), 3 when a
+simulation served wrong bytes (a cache bug: the stamped pages did not match).
 """
 
 from __future__ import annotations
@@ -197,12 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     hit = sub.add_parser("hitrate", formatter_class=HelpFormatter, help="tmem-size sweep, exclusive vs shared, clients",
                          description="Miss-ratio curves over tmem sizes behind a fixed page cache: no-tmem baseline, "
                          "Belady bound, exclusive (private pool) vs non-exclusive (shared pool) second chance; "
-                         "with --clients K, K guests share one host budget with --weights.")
+                         "several guests can share one host budget with --weights: K guests splitting one "
+                         "trace by page key (--clients K), or one guest per --trace.")
     _add_trace_options(hit, required=False)
     hit.add_argument("--page-cache", type=parse_positive_pages, default=1000,
                      help="first-chance cache size per guest (pages)")
     hit.add_argument("--tmem-sizes", type=parse_page_list, default="auto", help="tmem sizes a,b,c (0 = none) or auto")
-    hit.add_argument("--clients", type=positive_int, default=1, help="guests sharing one tmem host")
+    hit.add_argument("--clients", type=positive_int, default=None,
+                     help="guests sharing one tmem host, whose budget is the largest --tmem-sizes (auto: half "
+                          "of all guests' distinct pages): with one --trace, K guests each replay the requests "
+                          "whose page key hashes to them; with several, one guest per trace, so K must be their "
+                          "number (default: 1 per trace)")
     hit.add_argument("--weights", type=parse_weights, default=None,
                      help="client weights 1,2,... one per client (default: 1 for every client)")
     hit.add_argument("--engine", choices=("stack", "model"), default="stack",
@@ -216,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     key = sub.add_parser("keying", formatter_class=HelpFormatter, help="v0-vs-v1 file keying comparison",
                          description="(a) keys of real file trees: handle types/sizes, collisions of v1 and each "
                          "v0 fold, inode reuse; --btrfs adds a btrfs image with two subvolumes; (b) --live runs the "
-                         "same reads through real mounts with --abi v1 and v0 (each fold).")
+                         "same reads through real mounts with --abi v1 and v0 (each fold). Trees are only read, "
+                         "except that inode reuse is per filesystem: for a tree on another filesystem than the "
+                         "temp dir's, a hidden scratch dir .guestfs-keying-* is made (and removed) in the tree when "
+                         "it is writable, else the temp dir's filesystem is measured.")
     key.add_argument("--tree", type=Path, action="append", default=None,
                      help="directory tree (repeatable) (default: /usr/share)")
     key.add_argument("--btrfs", action="store_true", help="also study a btrfs image with subvolumes (needs root, loop)")
@@ -284,10 +293,13 @@ def check_args(args: argparse.Namespace) -> None:
     Input files and trees named on the command line must exist (a missing one is bad usage, not a
     runtime failure), and --out must be, or be creatable as, a directory: checked before any work.
     """
-    if args.command == "hitrate" and args.weights is not None:
-        clients = max(args.clients, len(args.trace or []))
-        if len(args.weights) != clients:
-            _usage(args, f"argument --weights: {len(args.weights)} weights for {clients} clients")
+    if args.command == "hitrate":
+        traces = len(args.trace or []) or 1
+        if args.clients is not None and traces > 1 and args.clients != traces:
+            _usage(args, f"argument --clients: {args.clients} clients for {traces} traces (one client per trace)")
+        args.clients = args.clients or traces
+        if args.weights is not None and len(args.weights) != args.clients:
+            _usage(args, f"argument --weights: {len(args.weights)} weights for {args.clients} clients")
     traces = args.trace if isinstance(getattr(args, "trace", None), list) else [getattr(args, "trace", None)]
     problems = [input_file_problem("--trace", trace) for trace in traces if trace is not None]
     problems += [input_dir_problem("--tree", tree) for tree in getattr(args, "tree", None) or []]
@@ -410,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     args.quiet = bool(getattr(args, "quiet", False))
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader of our output went away (`| head`): not a failure to report
+        raise
     except (TraceError, ValueError, OSError, RuntimeError) as exc:  # TraceError: a trace that cannot be parsed
         print(f"guestfs lab {args.command}: error: {describe_error(exc)}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ Everything is seeded and deterministic; ``run_hitrate`` writes CSV + JSON + Mark
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from . import plots, report
 from .mrc import LruCurve
 from .opt import belady_hits, next_use
 from .simulate import (
+    CHUNK,
     INDEX_BITS,
     INDEX_MASK,
     U64,
@@ -225,6 +227,7 @@ def multi_client(
     weights: list[int],
     *,
     names: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """K guests on one Tmem of ``tmem_pages``, requests interleaved round-robin; rows per client."""
     tmem = tmem_class()(memory_pages=tmem_pages)
@@ -237,17 +240,21 @@ def multi_client(
     file_key = FileKeys()
     lists = [s.tolist() for s in streams]
     longest = max(len(s) for s in lists)
-    for position in range(longest):
-        for client, items in enumerate(lists):
-            if position >= len(items):
-                continue
-            key = items[position] & U64
-            expected = stamp_page(key)
-            data, where = guests[client].cache.get_or_load(file_key(key >> INDEX_BITS), key & INDEX_MASK,
-                                                           lambda: expected)
-            counts[client][where] += 1
-            if data != expected:
-                checker.verify(data, key)
+    for start in range(0, longest, CHUNK):
+        stop = min(start + CHUNK, longest)
+        for position in range(start, stop):
+            for client, items in enumerate(lists):
+                if position >= len(items):
+                    continue
+                key = items[position] & U64
+                expected = stamp_page(key)
+                data, where = guests[client].cache.get_or_load(file_key(key >> INDEX_BITS), key & INDEX_MASK,
+                                                               lambda: expected)
+                counts[client][where] += 1
+                if data != expected:
+                    checker.verify(data, key)
+        if progress is not None:
+            progress(sum(max(0, min(len(items), stop) - start) for items in lists))
     tmem.check()
     occupancy = client_occupancy(tmem, len(guests))
     rows = []
@@ -326,10 +333,10 @@ def run_hitrate(args: argparse.Namespace, out: Path) -> str:
 
 
 def run_clients(args: argparse.Namespace, traces: list[Trace]) -> list[dict[str, Any]]:
-    clients = max(args.clients, len(traces))
+    clients = args.clients  # checked by the CLI: 1 per trace when several are given
     weights = args.weights or [1] * clients
-    if len(weights) != clients:
-        raise ValueError(f"--weights gives {len(weights)} weights for {clients} clients")
+    if len(weights) != clients or (len(traces) > 1 and clients != len(traces)):
+        raise ValueError(f"{clients} clients with {len(weights)} weights for {len(traces)} traces")
     if len(traces) > 1:
         streams, names = [t.keys for t in traces], [t.name for t in traces]
     else:
@@ -339,5 +346,6 @@ def run_clients(args: argparse.Namespace, traces: list[Trace]) -> list[dict[str,
         tmem_pages = max(1, sum(int(np.unique(s).size) for s in streams) // 2)
     else:
         tmem_pages = max(max(args.tmem_sizes), 1)
-    return multi_client(streams, args.page_cache, tmem_pages, weights, names=names)
+    with report.Progress(sum(s.size for s in streams), f"{clients} clients", quiet=args.quiet) as bar:
+        return multi_client(streams, args.page_cache, tmem_pages, weights, names=names, progress=bar.callback)
 

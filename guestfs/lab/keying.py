@@ -241,6 +241,18 @@ def scratch_parent_for(tree: Path) -> Path:
     return tree
 
 
+def measure_inode_reuse(parent: Path) -> dict[str, Any]:
+    """``inode_reuse`` under ``parent``, or under the temp dir when files cannot be made there (a
+    pseudo filesystem such as /proc or sysfs, a read-only mount that still says writable)."""
+    try:
+        return inode_reuse(parent)
+    except OSError as exc:
+        temp = Path(tempfile.gettempdir())
+        if parent == temp:
+            raise
+        return dict(inode_reuse(temp), not_measured_under=str(parent), reason=exc.strerror or str(exc))
+
+
 def run_keying_experiment(args: Any, out: Path) -> str:
     """``guestfs lab keying``: table of trees (+ btrfs), inode reuse, optional live comparison."""
     from . import report
@@ -261,10 +273,12 @@ def run_keying_experiment(args: Any, out: Path) -> str:
         scratch_parents: dict[Path, str] = {}  # one scratch dir per filesystem, named after its tree
         for tree, row in zip(trees, rows):
             scratch_parents.setdefault(scratch_parent_for(tree), row["tree"])
-        reuse = [dict(inode_reuse(parent), tree=label) for parent, label in scratch_parents.items()]
+        reuse = [dict(measure_inode_reuse(parent), tree=label) for parent, label in scratch_parents.items()]
         payload["inode_reuse"] = reuse
         sections.append(("Inode reuse after delete-and-create", "\n".join(
-            f"- {r['tree']} (scratch dir under {r['scratch_parent']}): a new file got the deleted file's st_ino "
+            f"- {r['tree']} (scratch dir under {r['scratch_parent']}"
+            + (f"; none could be made under {r['not_measured_under']}: {r['reason']}" if "reason" in r else "")
+            + "): a new file got the deleted file's st_ino "
             f"in {r['ino_reused']}/{r['attempts']} creations (each one an `ino` fold collision); "
             f"its v1 oid equalled the old one {r['v1_oid_reused']} times" for r in reuse)))
         live_rows: list[dict[str, Any]] | None = None

@@ -212,6 +212,9 @@ def live_run(
                 workload["reads"] = int(stats.get("reads", workload["reads"]))
         finally:
             handle.unmount(timeout=timeout)
+    # The run went through: its daemon log (one per scratch mountpoint) holds nothing worth keeping.
+    # A run that failed raised above and keeps its log, which its error message names.
+    Path(handle.log_path).unlink(missing_ok=True)
     return {"page_cache_pages": page_cache_pages, "tmem_pages": tmem_pages, "abi": abi, "fold": fold,
             "compress": compress, **workload, "stats": stats}
 
@@ -251,10 +254,13 @@ def run_small_live_workload(source: Path | None = None, *, reads: int = 2000, pa
 def _sweep(args: argparse.Namespace, tree: Path, plan: ReadPlan, sizes: list[int],
            fio_file: str | None) -> list[dict[str, Any]]:
     runs = []
-    for compress in ([False, True] if args.compress else [False]):
-        for tmem_pages in sizes:
-            runs.append(live_run(tree, plan, page_cache_pages=args.page_cache, tmem_pages=tmem_pages,
-                                 compress=compress, fio_file=fio_file, seed=args.seed))
+    modes = [False, True] if args.compress else [False]
+    with report.Progress(len(plan.reads) * len(sizes) * len(modes), "live mounts", quiet=args.quiet) as bar:
+        for compress in modes:
+            for tmem_pages in sizes:
+                runs.append(live_run(tree, plan, page_cache_pages=args.page_cache, tmem_pages=tmem_pages,
+                                     compress=compress, fio_file=fio_file, seed=args.seed))
+                bar(len(plan.reads))
     return runs
 
 

@@ -45,10 +45,19 @@ assert ORACLE_RECORD.itemsize == 24
 # MSR keys pack (device id, page): 2**40 pages of 4 KiB is 4 PiB per disk, far beyond any MSR volume.
 MSR_PAGE_BITS = 40
 INT64_MAX = (1 << 63) - 1  # keys are int64: a block number must fit (0 .. INT64_MAX)
+# Page requests one trace may expand to: 2**30 keys take 8 GiB as int64 (and more as the Python
+# ints a replay walks), far beyond a trace the lab can replay; a run or size field that asks for
+# more is corrupt, and refusing it beats the allocation failing (or the OOM killer) halfway.
+MAX_PAGE_REQUESTS = 1 << 30
 
 
 class TraceError(ValueError):
     """A trace could not be read; the message is one line naming the file and position."""
+
+
+class TooManyRequests(ValueError):
+    """A trace's runs or sizes expand to more page requests than MAX_PAGE_REQUESTS (no path yet:
+    ``load_trace`` names the file)."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +90,17 @@ def _zstd_bytes(path: Path) -> bytes:
     except ImportError:
         zstandard = None
     if zstandard is not None:
+        rest, frames = path.read_bytes(), []
         try:
-            with open(path, "rb") as fh:
-                return zstandard.ZstdDecompressor().stream_reader(fh).read()
+            while rest:  # frame by frame: a stream reader hands back a truncated frame's prefix silently
+                frame = zstandard.ZstdDecompressor().decompressobj()
+                frames.append(frame.decompress(rest))
+                if not frame.eof:
+                    raise TraceError(f"{path}: cannot decompress: truncated zstd data (its last frame is incomplete)")
+                rest = frame.unused_data
         except zstandard.ZstdError as exc:
             raise TraceError(f"{path}: cannot decompress: {exc}") from None
+        return b"".join(frames)
     if shutil.which("zstd") is None:
         raise TraceError(f"{path}: .zst trace needs the zstandard module or the zstd CLI")
     done = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, timeout=300, check=False)
@@ -152,6 +167,10 @@ def detect_format(path: Path, raw: bytes) -> str:
     fields = first.split(",")
     if len(fields) == 7 and fields[3].strip().lower() in ("read", "write", "type"):
         return "msr"
+    if "," in first:
+        raise TraceError(f"{path}: line {first[:60]!r} looks like CSV but is neither CloudPhysics (header "
+                         "'version,time,op,size,lbn') nor MSR (timestamp,host,disk,type,offset,size,latency); "
+                         "pass --format")
     words = first.split()
     if len(words) == 4 and all(w.lstrip("-").isdigit() for w in words):
         return "arc"
@@ -225,6 +244,10 @@ def _check_arc_line(line: str) -> str:
 
 def expand_runs(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Concatenate ``arange(start, start+count)`` for every run, vectorised."""
+    total = float(counts.sum(dtype=np.float64))  # a float sum cannot wrap around as int64 would
+    if total > MAX_PAGE_REQUESTS:
+        raise TooManyRequests(f"it expands to {total:,.0f} page requests, more than the lab handles "
+                              f"({MAX_PAGE_REQUESTS:,}): a corrupt count or size field?")
     total = int(counts.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
@@ -238,10 +261,10 @@ def parse_arc(path: Path, raw: bytes) -> tuple[np.ndarray, int]:
     lines = text.splitlines()
     tokens = text.split()
     try:
-        if len(tokens) % 4:
+        if any(len(line.split()) not in (0, 4) for line in lines):  # every row exactly four fields
             raise ValueError
         table = np.array(tokens, dtype=np.int64).reshape(-1, 4)
-        if len(table) != sum(1 for ln in lines if ln.strip()) or (table[:, :2] < 0).any():
+        if (table[:, :2] < 0).any():
             raise ValueError
         if (table[:, 0] > INT64_MAX - np.maximum(table[:, 1] - 1, 0)).any():
             raise ValueError  # start+count-1 would wrap around
@@ -362,16 +385,21 @@ def load_trace(path: str | Path, fmt: str | None = None, *, include_writes: bool
         raise TraceError(f"{path}: no such trace file")
     raw = read_bytes(path)
     fmt = fmt or detect_format(path, raw)
-    if fmt == "lirs":
-        keys, records = parse_lirs(path, raw)
-    elif fmt == "arc":
-        keys, records = parse_arc(path, raw)
-    elif fmt == "oracle":
-        keys, records = parse_oracle(path, raw)
-    elif fmt == "cloudphysics":
-        keys, records = parse_cloudphysics(path, raw, include_writes)
-    else:
-        keys, records = parse_msr(path, raw, include_writes)
+    try:
+        if fmt == "lirs":
+            keys, records = parse_lirs(path, raw)
+        elif fmt == "arc":
+            keys, records = parse_arc(path, raw)
+        elif fmt == "oracle":
+            keys, records = parse_oracle(path, raw)
+        elif fmt == "cloudphysics":
+            keys, records = parse_cloudphysics(path, raw, include_writes)
+        else:
+            keys, records = parse_msr(path, raw, include_writes)
+    except TooManyRequests as exc:
+        raise TraceError(f"{path}: {exc}") from None
+    except MemoryError:  # numpy's allocation failed below the cap: say so in one line
+        raise TraceError(f"{path}: not enough memory to hold its page requests") from None
     if keys.size == 0:
         raise TraceError(f"{path}: the trace holds no (read) requests")
     return Trace(trace_name(path), keys, fmt, records)

@@ -70,6 +70,20 @@ def test_usage_error_is_one_line_on_stderr_through_the_guestfs_command(tmp_path:
     assert done.stderr == "guestfs lab simulate: error: argument --limit: invalid count '0': must be >= 1\n"
 
 
+def test_output_cut_short_by_its_reader_is_not_an_error(tmp_path: Path) -> None:
+    """`guestfs lab mrc ... | head`: exit as SIGPIPE would, say nothing (was "error: Broken pipe", exit 1)."""
+    trace = lirs_file(tmp_path, list(range(1, 200)) * 3)
+    sizes = ",".join(map(str, range(1, 3001)))  # far more output than a pipe buffers
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with subprocess.Popen([sys.executable, "-m", "guestfs", "lab", "mrc", "--trace", str(trace), "--sizes", sizes,
+                           "--json", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        assert reader.stdout.read(10)
+        reader.stdout.close()  # the reader goes away, as `head` does
+        assert reader.wait(timeout=60) == 141
+        assert reader.stderr.read() == b""
+
+
 ONE_LINE_USAGE_ERRORS = [
     [],  # no subcommand
     ["nosuch"],
@@ -78,6 +92,7 @@ ONE_LINE_USAGE_ERRORS = [
     ["simulate", "--trace", "T", "--engine", "nosuch"],
     ["mrc", "--trace", "T", "--extra"],
     ["hitrate", "--clients", "2", "--weights", "1"],  # a check across options: named after the subcommand
+    ["hitrate", "--trace", "T", "--trace", "T", "--clients", "3"],  # was an IndexError traceback mid-run
     ["keying", "--limit", "x"],
     ["live", "--workload", "nosuch"],
 ]

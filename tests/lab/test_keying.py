@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from guestfs.filekey import FileKey
-from guestfs.lab.keying import collisions, fold_oid, format_table, inode_reuse, keying_table
+from guestfs.lab.keying import collisions, fold_oid, format_table, inode_reuse, keying_table, measure_inode_reuse
 
 
 def test_tree_has_no_v1_collisions_and_counts_files(tmp_path: Path) -> None:
@@ -49,3 +49,10 @@ def test_inode_reuse_changes_handles(tmp_path: Path) -> None:
     for example in result["examples"]:
         assert example["same_ino_fold"] and not example["same_v1_oid"]
     assert not list(tmp_path.iterdir())  # the scratch dir is gone
+
+
+def test_inode_reuse_falls_back_to_the_temp_dir_where_no_file_can_be_made() -> None:
+    # `guestfs lab keying --tree /proc` ended with "/proc/.guestfs-keying-...: No such file or directory"
+    result = measure_inode_reuse(Path("/proc"))
+    assert result["not_measured_under"] == "/proc" and result["reason"]
+    assert result["scratch_parent"] != "/proc" and result["attempts"] == 64

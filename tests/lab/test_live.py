@@ -23,6 +23,12 @@ def fuse_unavailable() -> str | None:
     return None
 
 
+def log_files() -> set[Path]:
+    from guestfs.mount import default_log_path
+
+    return set(Path(default_log_path("/x")).parent.glob("*guestfs-lab-mnt*.log"))
+
+
 def test_plan_is_seeded_and_covers_the_tree(tmp_path: Path) -> None:
     tree = make_text_tree(tmp_path / "src", 12, seed=3)
     a = plan_reads(tree, 500, seed=3)
@@ -40,8 +46,10 @@ def test_small_live_workload_reads_right_bytes_and_uses_tmem(tmp_path: Path) -> 
     from guestfs.lab.live import run_small_live_workload
 
     tree = make_text_tree(tmp_path / "src", 30, seed=2)
+    logs = log_files()
     run = run_small_live_workload(tree, reads=1500, page_cache_pages=16, tmem_pages=4096)
     assert run["wrong_reads"] == 0
+    assert log_files() == logs  # a clean run's daemon log is removed (one was left per run, for good)
     stats = run["stats"]
     assert stats["succ_gets"] > 0 and stats["puts"] > 0
     assert stats["backing_bytes_read"] > 0

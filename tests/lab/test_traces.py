@@ -109,6 +109,14 @@ def test_compressed_traces(tmp_path: Path, suffix: str) -> None:
         # a negative block was refused in .lis traces but replayed from LIRS text traces
         ("neg.trace", "1\n2\n-5\n", "line 3: negative block number"),
         ("neg.lis", "1 1 0 1\n-5 1 0 2\n", "line 2: negative start or count"),
+        # 3 + 5 fields made two rows of four: accepted as if well formed
+        ("shifted.lis", "1 2 3\n4 5 6 7 8\n", "line 1: expected 'start count ignore reqno'"),
+        # a run or size field asking for 10^11 pages was a 37-line MemoryError traceback
+        ("runaway.lis", "0 100000000000 0 0\n", "expands to 100,000,000,000 page requests"),
+        ("wraps.lis", "0 4611686018427387904 0 0\n0 4611686018427387904 0 0\n", "more than the lab handles"),
+        ("runaway.csv", "version,time,op,size,lbn\n1,2,28,400000000000000,0\n", "expands to 97,656,250,000"),
+        # a CSV with a header of neither kind was read as LIRS ("expected one integer block number")
+        ("other.csv", "ver,time,op,size,lbn\n1,2,28,4096,0\n", "looks like CSV but is neither CloudPhysics"),
     ],
 )
 def test_malformed_trace_error_names_file_and_line(tmp_path: Path, name: str, text: str, where: str) -> None:
@@ -173,3 +181,14 @@ def test_corrupt_compressed_trace_is_a_one_line_error(tmp_path: Path) -> None:
     path.write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(TraceError, match="bad.trace.gz: cannot read"):
         load_trace(path)
+
+
+def test_truncated_zst_trace_is_an_error_not_a_shorter_trace(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    body = "".join(f"{(i * 7919) % 5000}\n" for i in range(50_000)).encode()
+    whole = zstandard.ZstdCompressor().compress(body)
+    (tmp_path / "two.trace.zst").write_bytes(whole + whole)  # several frames: all read
+    assert load_trace(tmp_path / "two.trace.zst").requests == 100_000
+    (tmp_path / "cut.trace.zst").write_bytes(whole[: len(whole) // 2])  # was 20-odd thousand requests, exit 0
+    with pytest.raises(TraceError, match="cut.trace.zst: cannot decompress: truncated"):
+        load_trace(tmp_path / "cut.trace.zst")
