@@ -28,10 +28,19 @@ Coherence -- what is guaranteed:
 * Only clean pages (just read from the backing file, or got back from tmem) are ever cached or
   put; a page is never in both the first-chance cache and tmem.
 
+* Racing external writers: a write(2) stamps the file's ctime/mtime *before* it copies its bytes
+  in, so a page read while another process's write is still copying can hold old bytes under the
+  new stamps, which would then validate it for good. Pages read while the file's ctime is less than
+  ``RACY_NS`` old are therefore served but not cached (``racy_pages_not_cached``), unless the stamp
+  is our own completed write's (its bytes were in before we recorded it).
+
 What is NOT guaranteed: an external same-size rewrite within one timestamp tick (both mtime and
 ctime unchanged at ns resolution on the filesystem's coarse clock) is not detected; an external
-change that lands between a write's pwrite and its fstat is taken for our own write. The cache
-is as coherent as the validators, like NFS close-to-open, not like a local page cache.
+change that lands between a write's pwrite and its fstat is taken for our own write; an external
+write(2) still copying more than ``RACY_NS`` after it began can leave pages read meanwhile cached;
+and a process that writes the backing file through its own shared mapping changes bytes without
+changing size, mtime or ctime (after its first store, until writeback), which no stat can see.
+The cache is as coherent as the validators, like NFS close-to-open, not like a local page cache.
 
 Thread-safe: one lock guards the caches and per-file state; backing I/O runs outside it.
 """
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 
 from tmemcore.abi import PAGE_SHIFT, PAGE_SIZE
@@ -50,17 +60,39 @@ from .pagecache import PageCache
 
 Validators = tuple[int, int, int]  # st_size, st_mtime_ns, st_ctime_ns
 PRUNE_FILES_MIN = 4096  # per-file states kept before the first prune of states that guard no page
+# How long after a file's ctime its bytes may still be arriving from a write(2) that stamped it:
+# a single write copying for longer (hundreds of MiB at once, or a writer stalled mid-copy) is the
+# documented residue. Pages read within it are not cached, so a file changed behind the mount is
+# cached from a read at least this long after the change.
+RACY_NS = 1_000_000_000
 
 
 class _FileState:
     """Per-file validators and the generation that orders reads against invalidations."""
 
-    __slots__ = ("validators", "generation", "next_index")
+    __slots__ = ("validators", "generation", "next_index", "own_stamp")
 
     def __init__(self, validators: Validators | None) -> None:
         self.validators = validators
         self.generation = 0
         self.next_index = -1  # the page after the last read's end (sequential detection)
+        self.own_stamp = False  # validators recorded after our own write completed (not racy)
+
+
+def wait_until_cacheable(*paths: str | os.PathLike[str]) -> None:
+    """Sleep until each of ``paths`` (files, or directories: everything under them) was last changed
+    at least RACY_NS ago, so that reads through a mount may cache it. For whoever just wrote files
+    behind a mount and wants them cached from the first read (experiments, tests)."""
+    newest = 0
+    for path in paths:
+        newest = max(newest, os.lstat(path).st_ctime_ns)
+        if os.path.isdir(path):
+            for parent, _, names in os.walk(path):
+                for name in names:
+                    newest = max(newest, os.lstat(os.path.join(parent, name)).st_ctime_ns)
+    delay = newest + RACY_NS - time.time_ns()
+    if delay > 0:
+        time.sleep(delay / 1e9)
 
 
 def validators_of(st: os.stat_result) -> Validators:
@@ -108,6 +140,7 @@ class PageIO:
         self.backing_bytes_read = 0
         self.revalidate_drops = 0
         self.stale_inserts_refused = 0
+        self.racy_pages_not_cached = 0
         self.readahead_loaded = 0
 
     # --- reads ------------------------------------------------------------------------------
@@ -121,6 +154,7 @@ class PageIO:
         if offset < 0 or size < 0:
             raise ValueError(f"read needs offset >= 0 and size >= 0, got offset={offset} size={size}")
         st = os.fstat(fd)
+        settled = abs(time.time_ns() - st.st_ctime_ns) >= RACY_NS  # see "Racing external writers"
         file_size = st.st_size
         end = min(offset + size, file_size)
         with self._lock:
@@ -131,10 +165,10 @@ class PageIO:
                 return b""
             self.reads += 1
             first, stop = offset >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1
-            generation = state.generation
+            generation = state.generation if settled or state.own_stamp else -1  # -1: cache nothing
             pages = self.cache.lookup_run(key, first, stop, file_size)
             wanted = len(pages)
-            if pages[-1] is None and first == state.next_index:  # a sequential reader missed
+            if pages[-1] is None and first == state.next_index and generation >= 0:  # a sequential reader missed
                 pages.extend(None for _ in self._readahead_indexes(key, stop, file_size))
             state.next_index = stop
         if None in pages:
@@ -204,11 +238,15 @@ class PageIO:
         bytes_read: int,
         readahead: int,
     ) -> None:
-        """Count the backing reads and cache what they loaded, unless the file changed meanwhile."""
+        """Count the backing reads and cache what they loaded, unless the file changed meanwhile
+        or ``generation`` is -1 (read within RACY_NS of an external change: served, not cached)."""
         with self._lock:
             self.backing_reads += preads
             self.backing_bytes_read += bytes_read
             self.readahead_loaded += readahead
+            if generation < 0:
+                self.racy_pages_not_cached += len(loaded)
+                return
             if self._files.get(key) is not state or state.generation != generation:
                 self.stale_inserts_refused += len(loaded)
                 return
@@ -257,6 +295,7 @@ class PageIO:
                 self._drop_page_locked(key, old_size >> PAGE_SHIFT)  # its cached copy is short
             state.generation += 1
             state.validators = validators_of(after)
+            state.own_stamp = True  # our pwrite had returned: no write of ours is still copying
         return written
 
     def truncate(self, key: FileKey, length: int) -> None:
@@ -273,6 +312,7 @@ class PageIO:
             self._drop_file_locked(key)
             if state is not None:
                 state.validators = None  # the next read adopts the new stat without a drop
+                state.own_stamp = False
 
     def forget(self, key: FileKey) -> None:
         """The file's last link is gone (or renamed over): drop its pages and state."""
@@ -310,6 +350,7 @@ class PageIO:
                 "backing_bytes_read": self.backing_bytes_read,
                 "revalidate_drops": self.revalidate_drops,
                 "stale_inserts_refused": self.stale_inserts_refused,
+                "racy_pages_not_cached": self.racy_pages_not_cached,
                 "readahead_loaded": self.readahead_loaded,
                 "files": len(self._files),
             }
@@ -363,6 +404,7 @@ class PageIO:
                 self.revalidate_drops += 1
                 self._drop_file_locked(key)
             state.validators = current
+            state.own_stamp = False  # a change we did not make (or one we cannot tell from it)
         return state
 
     def _drop_page_locked(self, key: FileKey, index: int) -> None:

@@ -198,7 +198,11 @@ def live_run(
     With ``fio_file`` (a file of ``source``, see ``make_fio_tree``) fio reads that file and
     ``plan`` only gives the number of reads; otherwise the built-in reader executes ``plan``."""
     from guestfs.mount import start_mount
+    from guestfs.pageio import wait_until_cacheable
 
+    # Files changed within the last second are served but not cached (a writer may still be copying):
+    # let a just-made tree settle so every run caches from its first read, as a long-lived tree would.
+    wait_until_cacheable(*(source / name for name in ([fio_file] if fio_file else plan.files)))
     with tempfile.TemporaryDirectory(prefix="guestfs-lab-mnt-") as mountpoint:
         handle = start_mount(str(source), mountpoint, mount_args(page_cache_pages, tmem_pages, abi=abi, fold=fold,
                                                                  compress=compress), timeout=timeout)

@@ -18,6 +18,7 @@ from guestfs.pageio import PageIO
 from guestfs.transport import InProcessTransport, MockTransport, Transport
 
 PAGE = 4096
+RACY_NS = pageio_module.RACY_NS  # the real window (tests/guestfs/conftest.py sets it to 0 per test)
 
 
 def real_or_mock(kind: str) -> Transport:
@@ -164,6 +165,43 @@ def test_read_racing_a_write_never_caches_old_bytes(
     assert pio.read(backing.key, backing.fd, 0, PAGE) == old[:PAGE]  # linearised before the write
     assert pio.stats()["stale_inserts_refused"] == 1
     assert pio.read(backing.key, backing.fd, 0, PAGE) == b"N" * PAGE
+
+
+def test_pages_read_while_an_external_write_may_still_be_copying_are_not_cached(
+    pio: PageIO, backing: Backing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write(2) stamps ctime/mtime before it copies: a read in between sees the new stamps and the
+    old bytes. Cached, those old bytes would validate for good (an audit saw this through a mount)."""
+    monkeypatch.setattr(pageio_module, "RACY_NS", RACY_NS)
+    old = backing.path.read_bytes()
+    os.pwrite(backing.fd, b"N" * PAGE, 0)  # another process's write, stamps and bytes now in
+    real_pread = pageio_module.pread_full
+
+    def pread_before_the_copy_landed(fd: int, count: int, offset: int) -> bytes:
+        monkeypatch.setattr(pageio_module, "pread_full", real_pread)
+        return old[offset : offset + count]  # what a read racing that write's copy returns
+
+    monkeypatch.setattr(pageio_module, "pread_full", pread_before_the_copy_landed)
+    assert pio.read(backing.key, backing.fd, 0, PAGE) == old[:PAGE]  # linearised before the write
+    assert pio.stats()["racy_pages_not_cached"] == 1
+    assert pio.read(backing.key, backing.fd, 0, PAGE) == b"N" * PAGE  # was old[:PAGE], for good
+
+
+def test_own_writes_and_settled_files_are_cached_at_once(
+    pio: PageIO, backing: Backing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pageio_module, "RACY_NS", RACY_NS)
+    pio.write(backing.key, backing.fd, b"W" * PAGE, 0)  # our pwrite returned before its stamp was recorded
+    for _ in range(2):
+        assert pio.read(backing.key, backing.fd, 0, PAGE) == b"W" * PAGE
+    assert pio.stats()["page_cache_hits"] == 1 and pio.stats()["racy_pages_not_cached"] == 0
+    os.pwrite(backing.fd, b"X" * PAGE, PAGE)  # an external change: not cached until it settles
+    assert pio.read(backing.key, backing.fd, PAGE, PAGE) == b"X" * PAGE
+    assert pio.stats()["racy_pages_not_cached"] == 1
+    pageio_module.wait_until_cacheable(backing.path)
+    for _ in range(2):
+        assert pio.read(backing.key, backing.fd, PAGE, PAGE) == b"X" * PAGE
+    assert pio.stats()["page_cache_hits"] == 2 and pio.stats()["racy_pages_not_cached"] == 1
 
 
 def test_bad_arguments(pio: PageIO, backing: Backing) -> None:

@@ -19,7 +19,7 @@ import pytest
 from guestfs.cleancache import CleanCache
 from guestfs.filekey import FileKey, key_for_path
 from guestfs.lab.btrfs import BtrfsImage, btrfs_subvolume_image, btrfs_unavailable_reason, file_bytes
-from guestfs.pageio import PageIO
+from guestfs.pageio import PageIO, wait_until_cacheable
 from guestfs.transport import InProcessTransport, MockTransport, Transport
 
 pytestmark = [pytest.mark.btrfs, pytest.mark.timeout(180)]
@@ -33,6 +33,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BtrfsImage]:
     if reason is not None:
         pytest.skip(reason)
     with btrfs_subvolume_image(tmp_path_factory.mktemp("btrfs")) as img:
+        wait_until_cacheable(img.mountpoint)  # just written: reads cache once the files settle
         yield img
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from tests.polling import wait_for
 
+from guestfs.pageio import wait_until_cacheable
+
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120, method="thread")]
 
 MountFactory = Callable[..., Any]
@@ -54,6 +56,7 @@ def test_mount_against_tmemd_hits_and_survives_its_death(mount_factory: MountFac
     blobs = {f"f{index}": os.urandom(64 * 1024) for index in range(4)}
     for name, blob in blobs.items():
         (source / name).write_bytes(blob)
+    wait_until_cacheable(source)  # written behind the mount: cached once it settles
     m = mount_factory("--server", address, "--page-cache", "32K", source=source)
     assert read_twice(m.mnt, list(blobs)) == blobs
     stats = m.stats()
@@ -71,6 +74,7 @@ def test_abi_auto_falls_back_to_v0_on_an_old_host(mount_factory: MountFactory, t
     _, address = tmemd
     m = mount_factory("--server", address, "--page-cache", "8K")
     (m.source / "f").write_bytes(b"v0" * 20000)
+    wait_until_cacheable(m.source / "f")
     assert read_twice(m.mnt, ["f"]) == {"f": b"v0" * 20000}
     stats = m.stats()
     assert stats["mode"] == "v0-xxh64" and stats["succ_gets"] > 0, stats
@@ -93,6 +97,7 @@ def test_v1_and_v0_mounts_share_one_tmemd_as_different_clients(mount_factory: Mo
     v0 = mount_factory("--server", address, "--abi", "v0", "--page-cache", "8K")
     for m in (v1, v0):
         (m.source / "f").write_bytes(b"ab" * 20000)
+        wait_until_cacheable(m.source / "f")
         assert read_twice(m.mnt, ["f"]) == {"f": b"ab" * 20000}
     s1, s0 = v1.stats(), v0.stats()
     assert (s1["mode"], s0["mode"]) == ("v1", "v0-xxh64"), (s1, s0)  # neither fell back to passthrough

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from guestfs.pageio import wait_until_cacheable
+
 BINDINGS = ["mfusepy", "fusepy"]
 MountFactory = Callable[..., Any]  # the mount_factory fixture from tests/mount/conftest.py
 
@@ -52,6 +54,7 @@ def test_every_4k_read_reaches_the_daemon(mount_factory: MountFactory, binding: 
 def test_cached_reread_hits_and_external_change_is_seen(mount_factory: MountFactory) -> None:
     m = mount_factory("--page-cache", "1M")
     (m.source / "f").write_bytes(b"A" * 8192)
+    wait_until_cacheable(m.source / "f")  # written behind the mount: cached once it settles
     assert (m.mnt / "f").read_bytes() == b"A" * 8192
     hits_before = m.stats()["page_cache_hits"]
     assert (m.mnt / "f").read_bytes() == b"A" * 8192
@@ -174,6 +177,7 @@ def test_cache_modes_roundtrip(mount_factory: MountFactory, options: list[str], 
     m = mount_factory("--page-cache", "8K", *options)
     blob = bytes(range(256)) * 200 + os.urandom(5000)
     (m.source / "f").write_bytes(blob)
+    wait_until_cacheable(m.source / "f")
     for _ in range(3):
         assert (m.mnt / "f").read_bytes() == blob
     stats = m.stats()
