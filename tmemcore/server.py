@@ -7,7 +7,8 @@ One thread accepts, one thread per connection answers requests in order (the hos
 own lock). Once listening, tmemd prints ``tmemd listening on ADDRESS`` on stdout and, with
 ``--ready-file``, writes ADDRESS there (atomically), so callers wait on it, not on a sleep.
 SIGTERM/SIGINT stop it cleanly: no new connections, open ones are shut down, a unix socket
-file is removed. A malformed frame closes that one connection with a log line on stderr.
+file is removed. A malformed frame closes that one connection with a log line on stderr, and so
+does silence: a connection must send its hello within HELLO_TIMEOUT (5 s).
 
 A connection is a guest: a hello for ``wire.CLIENT_ANY`` gets the lowest client id >= 1 no
 open connection speaks for, and when the connection ends -- however it ends -- the pools it
@@ -39,6 +40,9 @@ from .errors import TmemError
 from .sizes import parse_size, size_to_pages
 
 LOG = logging.getLogger("tmemd")
+# Seconds a new connection has to send its hello. Guests and tmemctl send it at once; without a
+# limit, max_connections sockets that never speak would lock every later guest out for good.
+HELLO_TIMEOUT = 5.0
 _CMD_POOL = struct.Struct("<Ii")  # cmd, pool_id: the same offsets in v0 and v1 records
 
 
@@ -49,10 +53,11 @@ class Host(Protocol):
 class TmemServer:
     """Serve ``host`` on ``listen`` until ``stop()``; ``start()`` returns the bound address."""
 
-    def __init__(self, host: Host, listen: str, max_connections: int = 64) -> None:
+    def __init__(self, host: Host, listen: str, max_connections: int = 64, hello_timeout: float = HELLO_TIMEOUT) -> None:
         self.host = host
         self.listen_address = wire.parse_address(listen)
         self.max_connections = max_connections
+        self.hello_timeout = hello_timeout
         self.address: str | None = None
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -151,7 +156,13 @@ class TmemServer:
             with conn:
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                requested = wire.decode_hello(wire.recv_frame(conn) or b"")
+                conn.settimeout(self.hello_timeout)
+                try:
+                    requested = wire.decode_hello(wire.recv_frame(conn) or b"")
+                except TimeoutError:
+                    LOG.warning("dropping a connection: no hello within %g s", self.hello_timeout)
+                    return
+                conn.settimeout(None)  # a connected guest may stay idle as long as it likes
                 client_id = self._claim_client_id(conn, requested)
                 if client_id is None:
                     LOG.warning("refusing a connection: no free client id")
@@ -188,12 +199,16 @@ class TmemServer:
             return free
 
     def _end_guest(self, guest: Guest) -> None:
-        """The connection is gone: destroy the pools it created (a dead domain's pools die with it)."""
+        """The connection is gone: end the saves it left open and destroy the pools it created (a dead
+        domain's pools die with it)."""
         try:
+            ended = guest.end_saves()
             destroyed = guest.destroy_pools()
         except Exception:  # the host failing here must not take the daemon down; the log keeps the reason
-            LOG.exception("client %d: destroying its pools failed", guest.client_id)
+            LOG.exception("client %d: cleaning up after the closed connection failed", guest.client_id)
             return
+        if ended:
+            LOG.warning("client %d: ended the unfinished save(s) of client(s) %s", guest.client_id, ended)
         if destroyed:
             LOG.info("client %d: destroyed pool(s) %s of the closed connection", guest.client_id, destroyed)
 
@@ -213,6 +228,7 @@ class Guest:
         self.host = host
         self.client_id = client_id
         self.pools: dict[int, int] = {}  # pool id -> record version (spec) it was created with
+        self.saving: dict[int, int] = {}  # client id -> record version of a SAVE_BEGIN not yet ended
 
     def answer(self, payload: bytes) -> bytes:
         """The response to one request payload (ProtocolError if it is not a request)."""
@@ -230,6 +246,29 @@ class Guest:
             self.pools[rc] = abi.version_of_record(op)
         elif cmd == abi.TMEM_DESTROY_POOL:
             self.pools.pop(pool_id, None)
+        elif cmd == abi.TMEM_CONTROL:
+            self._track_save(op, rc)
+
+    def _track_save(self, op: bytes, rc: int) -> None:
+        """Remember the saves this connection began and has not ended: a save leaves its client
+        frozen (and live-migrating) until SAVE_END, which a tool that dies mid-save never sends."""
+        try:
+            record = abi.TmemOp.decode(op)
+        except (TmemError, ValueError, struct.error):
+            return  # the host refused it too
+        if record.subop == abi.TMEMC_SAVE_BEGIN and rc == 1:
+            self.saving[record.cli_id] = abi.version_of_record(op)
+        elif record.subop == abi.TMEMC_SAVE_END:
+            self.saving.pop(record.cli_id, None)
+
+    def end_saves(self) -> list[int]:
+        """SAVE_END every save this connection left open (its client thaws, stops live-migrating)."""
+        ended = []
+        for cli_id, version in sorted(self.saving.items()):
+            if self.host.do_tmem_op(self.client_id, abi.control_record(abi.TMEMC_SAVE_END, cli_id, version=version)) >= 0:
+                ended.append(cli_id)
+        self.saving.clear()
+        return ended
 
     def destroy_pools(self) -> list[int]:
         """DESTROY_POOL every pool this connection created; the ids the host destroyed."""

@@ -253,6 +253,50 @@ def test_connections_beyond_the_limit_are_refused():
         server.stop()
 
 
+def test_connections_that_never_say_hello_cannot_lock_guests_out():
+    """64 idle sockets used to hold every slot for good (an audit's lockout of tmemctl and new mounts)."""
+    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=2, hello_timeout=0.5)
+    address = server.start()
+    host, port = address.split(":")[1:]
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+    try:
+        assert wait_for(lambda: server.connection_count() == 2, timeout=5)
+        assert wait_for(lambda: not server.connection_count(), timeout=5)  # both dropped after 0.5 s
+        guest = RemoteTmem(address, 1, timeout=2.0)
+        assert guest.do_tmem_op(get_record(1), bytearray(4)) == 1
+        guest.close()
+        server.check()
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_save_cut_off_by_its_connection_does_not_leave_the_client_frozen(live: bool):
+    """tmemctl killed (or timed out) mid-save left client 8 frozen and live-migrating for good: its puts
+    were refused and a duplicate put lost the old copy."""
+    from tmemcore.tmem import Tmem
+
+    host = Tmem(memory_pages=16)
+    pool = host.client(8).new_pool(persistent=True)
+    pool.put(7, 0, bytes(4096))
+    server = TmemServer(host, "tcp:127.0.0.1:0")
+    address = server.start()
+    try:
+        tool = RemoteTmem(address, 0, timeout=5.0)
+        assert tool.do_tmem_op(abi.control_record(abi.TMEMC_SAVE_BEGIN, 8, arg1=int(live))) == 1
+        assert host.client(8).frozen and host.client(8).live_migrating == live
+        tool.close()  # the tool dies before SAVE_END
+        assert wait_for(lambda: not server.connection_count(), timeout=5)
+        client = host.client(8)
+        assert not client.frozen and not client.live_migrating
+        pool.put(7, 1, bytes(4096))  # was Frozen
+        server.check()
+    finally:
+        server.stop()
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=120))
 def test_random_payloads_are_answered_or_refused_as_protocol_errors(payload: bytes):
