@@ -43,14 +43,17 @@ class UsageParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+MAX_SECONDS = 86_400.0  # a day: sockets refuse timeouts past time_t (1e10 was a traceback)
+
+
 def positive_seconds(text: str) -> float:
-    """A finite number of seconds > 0 (argparse type)."""
+    """A finite number of seconds > 0, at most a day (argparse type)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    if not math.isfinite(value) or value <= 0 or value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 and <= {MAX_SECONDS:g}, got {text!r}")
     return value
 
 
@@ -160,10 +163,25 @@ def render(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _CountedReads:
+    """A file's reads, with how many bytes they returned (a pipe cannot ``tell()``)."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self._file = fileobj
+        self.consumed = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size) or b""
+        self.consumed += len(data)
+        return data
+
+
 def read_stream_file(path: Path) -> tuple[savestream.ClientImage, int]:
+    """The stream in ``path`` (a file, or a pipe such as /dev/stdin) and its size in bytes."""
     with open(path, "rb") as stream:
-        image = savestream.read_stream(stream)
-        return image, stream.tell()
+        counted = _CountedReads(stream)
+        image = savestream.read_stream(counted)  # type: ignore[arg-type]
+        return image, counted.consumed
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -327,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), EXIT_DATA)
     except BrokenPipeError:
         return reader_gone()
+    except KeyboardInterrupt:  # Ctrl-C: what was under way cleaned up on the way out (a save thaws its client)
+        return fail("interrupted", 128 + signal.SIGINT)
     except OSError as exc:  # missing files, refused or timed-out connections
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         return fail(f"{where}{exc.strerror or exc}", EXIT_DATA)

@@ -126,3 +126,20 @@ def test_console_entry_point_runs_without_traceback(tmp_path: Path):
     assert result.returncode == 1
     assert result.stderr.startswith("tmemctl: bad stream at offset 0: marker is 0")
     assert "Traceback" not in result.stderr
+
+
+def test_a_stream_can_come_from_a_pipe(v1_file: Path):
+    """`cat s.tmem | tmemctl stream inspect /dev/stdin` was "Illegal seek" (the size came from tell())."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tmemcore.cli", "stream", "inspect", "--json", "/dev/stdin"],
+        input=v1_file.read_bytes(), capture_output=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bytes"] == v1_file.stat().st_size
+
+
+@pytest.mark.parametrize("value", ["1e10", "1e308", "0", "nan"])
+def test_timeouts_out_of_range_are_usage_errors(value: str, capsys: pytest.CaptureFixture[str]):
+    assert main(["--server", "tcp:127.0.0.1:9", "--timeout", value, "list"]) == 2  # 1e10: OverflowError traceback
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--timeout" in err

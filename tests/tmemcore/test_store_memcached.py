@@ -203,20 +203,25 @@ def test_killing_memcached_mid_run_turns_gets_into_misses(memcached: Memcached) 
     t.check()
 
 
-def test_a_restarted_server_is_used_again(memcached: Memcached) -> None:
-    """Pages stored before the restart are misses; new pages round-trip once it is back."""
+def test_a_restarted_server_is_used_again(memcached: Memcached, caplog: pytest.LogCaptureFixture) -> None:
+    """Pages stored before the restart are misses; new pages round-trip once it is back. The outage
+    and the recovery are each logged once (an unreachable store used to lose every page silently)."""
     t = Tmem(memory_pages=8, store=MemcachedPages("127.0.0.1", memcached.port, timeout=0.5, retry_after=0.0))
     pool = t.client(1).new_pool()
     assert pool.put(1, 0, pg(1))
     memcached.kill()
-    assert pool.get(1, 0) is None
-    restarted = Memcached(memcached.port)
-    try:
-        assert pool.put(1, 1, pg(2))
-        assert pool.get(1, 1) == pg(2)
-        t.check()
-    finally:
-        restarted.kill()
+    with caplog.at_level("WARNING", logger="tmemd.store"):
+        assert pool.get(1, 0) is None
+        assert pool.get(1, 0) is None
+        restarted = Memcached(memcached.port)
+        try:
+            assert pool.put(1, 1, pg(2))
+            assert pool.get(1, 1) == pg(2)
+            t.check()
+        finally:
+            restarted.kill()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2 and "failed" in messages[0] and "answers again" in messages[1], messages
 
 
 def test_bad_store_options_are_refused() -> None:

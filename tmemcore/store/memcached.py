@@ -19,6 +19,7 @@ server costs one timeout per ``retry_after``, not one per op (ops run under the 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -26,6 +27,8 @@ from urllib.parse import urlsplit
 
 from ..abi import PAGE_SIZE
 from ..errors import InvalidArgument
+
+LOG = logging.getLogger("tmemd.store")
 
 SCHEME = "memcached"
 DEFAULT_TIMEOUT = 0.5  # seconds, connect and per-request
@@ -112,9 +115,11 @@ class MemcachedPages:
             return page
         try:
             self._client.set(page.key, data, noreply=True)  # ordered before any later get on this connection
-        except self._failures:
+        except self._failures as exc:
             self.put_failures += 1
-            self._mark_down()
+            self._mark_down(exc)
+            return page
+        self._mark_up()
         return page
 
     def fetch(self, page: RemotePage) -> bytes | None:
@@ -125,10 +130,11 @@ class MemcachedPages:
             return None
         try:
             data = self._client.get(page.key)
-        except self._failures:
+        except self._failures as exc:
             self.get_failures += 1
-            self._mark_down()
+            self._mark_down(exc)
             return None
+        self._mark_up()
         if data is None or len(data) != PAGE_SIZE:
             self.lost += 1
             return None
@@ -145,18 +151,28 @@ class MemcachedPages:
             return
         try:
             self._client.delete(page.key, noreply=True)
-        except self._failures:
+        except self._failures as exc:
             self.delete_failures += 1
-            self._mark_down()
+            self._mark_down(exc)
+            return
+        self._mark_up()
 
     # --- server health ---------------------------------------------------------------------------
 
     def _available(self) -> bool:
         return not self._down_until or time.monotonic() >= self._down_until
 
-    def _mark_down(self) -> None:
+    def _mark_down(self, exc: BaseException) -> None:
+        if not self._down_until:  # the first failure of an outage: say so once, not per page
+            LOG.warning("memcached store %s failed (%s): its pages miss until it answers; retrying every %g s",
+                        self.url, exc or type(exc).__name__, self.retry_after)
         self._down_until = time.monotonic() + self.retry_after
         self._client.close()  # reconnect on the next attempt
+
+    def _mark_up(self) -> None:
+        if self._down_until:
+            self._down_until = 0.0
+            LOG.warning("memcached store %s answers again", self.url)
 
     def close(self) -> None:
         self._client.close()
