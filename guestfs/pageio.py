@@ -27,7 +27,6 @@ Coherence -- what is guaranteed:
   before a concurrent write's invalidation are never cached after it.
 * Only clean pages (just read from the backing file, or got back from tmem) are ever cached or
   put; a page is never in both the first-chance cache and tmem.
-
 * Racing external writers: a write(2) stamps the file's ctime/mtime *before* it copies its bytes
   in, so a page read while another process's write is still copying can hold old bytes under the
   new stamps, which would then validate it for good. Pages read while the file's ctime is less than
@@ -38,10 +37,10 @@ What is NOT guaranteed: an external same-size rewrite within one timestamp tick 
 ctime unchanged at ns resolution on the filesystem's coarse clock) is not detected; an external
 change that lands between a write's pwrite and its fstat is taken for our own write (and so is an
 external write still copying when one of ours completes); an external write(2) still copying more
-than ``RACY_NS`` after it began can leave pages read meanwhile cached;
-and a process that writes the backing file through its own shared mapping changes bytes without
-changing size, mtime or ctime (after its first store, until writeback), which no stat can see.
-The cache is as coherent as the validators, like NFS close-to-open, not like a local page cache.
+than ``RACY_NS`` after it began can leave pages read meanwhile cached; and a process that writes
+the backing file through its own shared mapping changes bytes without changing size, mtime or
+ctime (after its first store, until writeback), which no stat can see. The cache is as coherent
+as the validators, like NFS close-to-open, not like a local page cache.
 
 Thread-safe: one lock guards the caches and per-file state; backing I/O runs outside it.
 """
