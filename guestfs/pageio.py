@@ -39,7 +39,8 @@ change that lands between a write's pwrite and its fstat is taken for our own wr
 external write still copying when one of ours completes); an external write(2) still copying more
 than ``RACY_NS`` after it began can leave pages read meanwhile cached; and a process that writes
 the backing file through its own shared mapping changes bytes without changing size, mtime or
-ctime (after its first store, until writeback), which no stat can see. The cache is as coherent
+ctime (after its first store, until writeback), which no stat can see; and on a backing file
+system whose clock runs behind ours (a remote one) a change looks older than it is. The cache is as coherent
 as the validators, like NFS close-to-open, not like a local page cache.
 
 Thread-safe: one lock guards the caches and per-file state; backing I/O runs outside it.
@@ -154,7 +155,9 @@ class PageIO:
         if offset < 0 or size < 0:
             raise ValueError(f"read needs offset >= 0 and size >= 0, got offset={offset} size={size}")
         st = os.fstat(fd)
-        settled = abs(time.time_ns() - st.st_ctime_ns) >= RACY_NS  # see "Racing external writers"
+        # See "Racing external writers". A ctime ahead of our clock (a stepped-back clock, a remote
+        # backing fs running ahead) counts as not settled: the cost is a miss, never a stale page.
+        settled = time.time_ns() - st.st_ctime_ns >= RACY_NS
         file_size = st.st_size
         end = min(offset + size, file_size)
         with self._lock:

@@ -8,7 +8,9 @@ own lock). Once listening, tmemd prints ``tmemd listening on ADDRESS`` on stdout
 ``--ready-file``, writes ADDRESS there (atomically), so callers wait on it, not on a sleep.
 SIGTERM/SIGINT stop it cleanly: no new connections, open ones are shut down, a unix socket
 file is removed. A malformed frame closes that one connection with a log line on stderr, and so
-does silence: a connection must send its hello within HELLO_TIMEOUT (5 s).
+does silence: a connection must send its hello within HELLO_TIMEOUT (5 s). A save (SAVE_BEGIN ..
+SAVE_END) that its connection leaves open is ended when the connection closes; a SAVE_BEGIN for a
+client whose save is open on another connection gets -EBUSY.
 
 A connection is a guest: a hello for ``wire.CLIENT_ANY`` gets the lowest client id >= 1 no
 open connection speaks for, and when the connection ends -- however it ends -- the pools it
@@ -63,6 +65,7 @@ class TmemServer:
         self._accept_thread: threading.Thread | None = None
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._client_ids: dict[socket.socket, int] = {}  # the client each connection speaks for
+        self._saves = SaveRegistry()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -156,19 +159,17 @@ class TmemServer:
             with conn:
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn.settimeout(self.hello_timeout)
                 try:
-                    requested = wire.decode_hello(wire.recv_frame(conn) or b"")
+                    requested = wire.recv_hello(conn, self.hello_timeout)
                 except TimeoutError:
                     LOG.warning("dropping a connection: no hello within %g s", self.hello_timeout)
                     return
-                conn.settimeout(None)  # a connected guest may stay idle as long as it likes
                 client_id = self._claim_client_id(conn, requested)
                 if client_id is None:
                     LOG.warning("refusing a connection: no free client id")
                     wire.send_frame(conn, wire.encode_welcome(-errno.ENOSPC, 0))
                     return
-                guest = Guest(self.host, client_id)
+                guest = Guest(self.host, client_id, self._saves)
                 wire.send_frame(conn, wire.encode_welcome(0, client_id if requested == wire.CLIENT_ANY else None))
                 LOG.info("client %d connected%s", client_id, " (assigned)" if requested == wire.CLIENT_ANY else "")
                 self._answer_requests(conn, guest)
@@ -201,16 +202,15 @@ class TmemServer:
     def _end_guest(self, guest: Guest) -> None:
         """The connection is gone: end the saves it left open and destroy the pools it created (a dead
         domain's pools die with it)."""
-        try:
-            ended = guest.end_saves()
-            destroyed = guest.destroy_pools()
-        except Exception:  # the host failing here must not take the daemon down; the log keeps the reason
-            LOG.exception("client %d: cleaning up after the closed connection failed", guest.client_id)
-            return
-        if ended:
-            LOG.warning("client %d: ended the unfinished save(s) of client(s) %s", guest.client_id, ended)
-        if destroyed:
-            LOG.info("client %d: destroyed pool(s) %s of the closed connection", guest.client_id, destroyed)
+        for what, cleanup in (("ended the unfinished save(s) of client(s)", guest.end_saves),
+                              ("destroyed pool(s)", guest.destroy_pools)):
+            try:
+                done = cleanup()
+            except Exception:  # the host failing here must not take the daemon down; the log keeps the reason
+                LOG.exception("client %d: cleaning up after the closed connection failed", guest.client_id)
+                continue
+            if done:
+                LOG.warning("client %d: %s %s of the closed connection", guest.client_id, what, done)
 
     def _answer_requests(self, conn: socket.socket, guest: Guest) -> None:
         while True:
@@ -224,16 +224,20 @@ class TmemServer:
 class Guest:
     """One connection's client: answers its requests and remembers the pools it created."""
 
-    def __init__(self, host: Host, client_id: int) -> None:
+    def __init__(self, host: Host, client_id: int, saves: "SaveRegistry | None" = None) -> None:
         self.host = host
         self.client_id = client_id
         self.pools: dict[int, int] = {}  # pool id -> record version (spec) it was created with
-        self.saving: dict[int, int] = {}  # client id -> record version of a SAVE_BEGIN not yet ended
+        self.saves = saves if saves is not None else SaveRegistry()
 
     def answer(self, payload: bytes) -> bytes:
         """The response to one request payload (ProtocolError if it is not a request)."""
         request = wire.decode_request(payload)
-        rc = self.host.do_tmem_op(self.client_id, request.op, request.buffer)
+        save = _save_subop(request.op)
+        if save is None:
+            rc = self.host.do_tmem_op(self.client_id, request.op, request.buffer)
+        else:
+            rc = self.saves.run(self, *save, lambda: self.host.do_tmem_op(self.client_id, request.op, request.buffer))
         self._track(request.op, rc)
         keep = request.buffer is not None and wire.host_wrote_buffer(request.op, rc)
         return wire.encode_response(rc, request.buffer if keep else None)
@@ -246,29 +250,10 @@ class Guest:
             self.pools[rc] = abi.version_of_record(op)
         elif cmd == abi.TMEM_DESTROY_POOL:
             self.pools.pop(pool_id, None)
-        elif cmd == abi.TMEM_CONTROL:
-            self._track_save(op, rc)
-
-    def _track_save(self, op: bytes, rc: int) -> None:
-        """Remember the saves this connection began and has not ended: a save leaves its client
-        frozen (and live-migrating) until SAVE_END, which a tool that dies mid-save never sends."""
-        try:
-            record = abi.TmemOp.decode(op)
-        except (TmemError, ValueError, struct.error):
-            return  # the host refused it too
-        if record.subop == abi.TMEMC_SAVE_BEGIN and rc == 1:
-            self.saving[record.cli_id] = abi.version_of_record(op)
-        elif record.subop == abi.TMEMC_SAVE_END:
-            self.saving.pop(record.cli_id, None)
 
     def end_saves(self) -> list[int]:
-        """SAVE_END every save this connection left open (its client thaws, stops live-migrating)."""
-        ended = []
-        for cli_id, version in sorted(self.saving.items()):
-            if self.host.do_tmem_op(self.client_id, abi.control_record(abi.TMEMC_SAVE_END, cli_id, version=version)) >= 0:
-                ended.append(cli_id)
-        self.saving.clear()
-        return ended
+        """SAVE_END every save this connection began and left open (its client thaws, stops live-migrating)."""
+        return self.saves.end_all(self, lambda record: self.host.do_tmem_op(self.client_id, record))
 
     def destroy_pools(self) -> list[int]:
         """DESTROY_POOL every pool this connection created; the ids the host destroyed."""
@@ -282,6 +267,54 @@ class Guest:
 
     def check(self) -> None:
         assert all(0 <= pool_id < abi.MAX_POOLS_PER_DOMAIN for pool_id in self.pools), self.pools
+
+
+class SaveRegistry:
+    """The saves open on a server: client id -> (the connection that began it, record version).
+
+    A save leaves its client frozen (and live-migrating) until SAVE_END, which a tool that dies or
+    times out mid-save never sends: the connection's end sends it instead, for the saves that
+    connection still owns. A SAVE_BEGIN for a client whose save is open elsewhere gets -EBUSY
+    (a second one would also record the first's freeze as the client's own); any connection's
+    SAVE_END ends a save."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, tuple[Guest, int]] = {}
+        self._lock = threading.Lock()
+
+    def run(self, guest: "Guest", subop: int, cli_id: int, version: int, call: Any) -> int:
+        """``call()`` (the host's answer to this SAVE_BEGIN/SAVE_END), with the registry kept in step."""
+        with self._lock:  # held across the host call: two SAVE_BEGINs for one client cannot interleave
+            if subop == abi.TMEMC_SAVE_BEGIN and cli_id in self._open:
+                return -errno.EBUSY
+            rc: int = call()
+            if subop == abi.TMEMC_SAVE_BEGIN and rc == 1:
+                self._open[cli_id] = (guest, version)
+            elif subop == abi.TMEMC_SAVE_END:
+                self._open.pop(cli_id, None)
+            return rc
+
+    def end_all(self, guest: "Guest", call: Any) -> list[int]:
+        """SAVE_END (via ``call(record)``) each save ``guest`` began and left open; their client ids."""
+        with self._lock:
+            mine = sorted((cli_id, version) for cli_id, (owner, version) in self._open.items() if owner is guest)
+            for cli_id, version in mine:
+                del self._open[cli_id]
+                call(abi.control_record(abi.TMEMC_SAVE_END, cli_id, version=version))
+        return [cli_id for cli_id, _ in mine]
+
+
+def _save_subop(op: bytes) -> tuple[int, int, int] | None:
+    """(subop, client id, record version) of a SAVE_BEGIN or SAVE_END control record, else None."""
+    if len(op) < _CMD_POOL.size or _CMD_POOL.unpack_from(op)[0] != abi.TMEM_CONTROL:
+        return None
+    try:
+        record = abi.TmemOp.decode(op)
+    except (TmemError, ValueError, struct.error):
+        return None  # malformed: the host refuses it
+    if record.subop not in (abi.TMEMC_SAVE_BEGIN, abi.TMEMC_SAVE_END):
+        return None
+    return record.subop, record.cli_id, abi.version_of_record(op)
 
 
 def answer(host: Host, client_id: int, payload: bytes) -> bytes:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from . import abi
@@ -164,6 +165,28 @@ def encode_hello(client_id: int) -> bytes:
     if not 0 <= client_id <= 0xFFFF:
         raise ValueError(f"client id {client_id} is not a 16-bit domain id")
     return _HELLO.pack(MAGIC, PROTOCOL, client_id)
+
+
+def recv_hello(sock: socket.socket, timeout: float) -> int:
+    """The client id of the hello a new connection must send first, read within ``timeout`` seconds
+    in all (a peer trickling bytes cannot keep its slot) and no further than the hello's own frame.
+    TimeoutError, ConnectionError, or ProtocolError if the first frame is not a hello."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    want = _LENGTH.size + _HELLO.size
+    while len(data) < want:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no hello within {timeout:g} s")
+        sock.settimeout(remaining)
+        chunk = sock.recv(want - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed before its hello")
+        data += chunk
+        if len(data) >= _LENGTH.size and _LENGTH.unpack_from(data)[0] != _HELLO.size:
+            raise ProtocolError(f"a hello is {_HELLO.size} bytes, the first frame declares {_LENGTH.unpack_from(data)[0]}")
+    sock.settimeout(None)  # a connected guest may stay idle as long as it likes
+    return decode_hello(data[_LENGTH.size :])
 
 
 def decode_hello(payload: bytes) -> int:
@@ -317,8 +340,8 @@ class RemoteTmem:
             try:
                 send_frame(sock, request)
                 rc, buffer = decode_response(recv_frame(sock) or b"")
-            except OSError:  # ConnectionError, TimeoutError and ProtocolError are OSErrors
-                self._drop()
+            except BaseException:  # an OSError (ConnectionError, TimeoutError, ProtocolError), or Ctrl-C:
+                self._drop()  # either way a reply may be left unread on this socket, so never reuse it
                 raise
         if buffer is not None and page is not None:
             if len(buffer) != len(page):

@@ -372,3 +372,16 @@ def test_a_write_cut_short_by_an_error_reports_what_landed(
     with pytest.raises(OSError) as nothing_landed:  # the next write: nothing lands, the error itself
         pio.write(backing.key, backing.fd, b"M" * PAGE, 0)
     assert nothing_landed.value.errno == errno.ENOSPC
+
+
+def test_a_ctime_ahead_of_our_clock_is_not_settled(
+    pio: PageIO, backing: Backing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock stepped back (or a backing file system running ahead) must not make a just-changed
+    file look settled: abs(now - ctime) did, and cached pages a write may still have been copying."""
+    monkeypatch.setattr(pageio_module, "RACY_NS", RACY_NS)
+    os.pwrite(backing.fd, b"N" * PAGE, 0)  # an external change, stamped now
+    behind = pageio_module.time.time_ns() - 10 * RACY_NS
+    monkeypatch.setattr(pageio_module.time, "time_ns", lambda: behind)  # our clock 10 s behind that stamp
+    assert pio.read(backing.key, backing.fd, 0, PAGE) == b"N" * PAGE
+    assert pio.stats()["racy_pages_not_cached"] == 1

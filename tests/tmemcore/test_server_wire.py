@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -155,7 +156,10 @@ def test_malformed_frame_drops_only_that_connection(served):
         assert bad.recv(16) == b""  # the server closed it
     with socket.create_connection(parsed.sockaddr, timeout=5) as bad:
         wire.send_frame(bad, b"not a hello at all")
-        assert bad.recv(16) == b""
+        try:  # refused on its declared length, with the payload unread: a close or a reset
+            assert bad.recv(16) == b""
+        except ConnectionResetError:
+            pass
     with RemoteTmem(address, 2) as remote:  # the server still serves others
         assert remote.do_tmem_op(get_record(1), bytearray(4)) == 1
     server.check()
@@ -269,6 +273,61 @@ def test_connections_that_never_say_hello_cannot_lock_guests_out():
     finally:
         for sock in silent:
             sock.close()
+        server.stop()
+
+
+def test_a_hello_trickled_byte_by_byte_still_times_out():
+    """The hello timeout bounds the whole hello, not each recv: a peer sending a byte now and then
+    (or declaring a long first frame) kept its slot for good."""
+    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=1, hello_timeout=0.5)
+    address = server.start()
+    parsed = wire.parse_address(address)
+    try:
+        with socket.create_connection(parsed.sockaddr, timeout=5) as slow:
+            frame = struct.pack("<I", 12) + wire.encode_hello(1)
+            assert wait_for(lambda: server.connection_count() == 1, timeout=5)  # accepted
+            started = time.monotonic()
+            try:
+                for byte in frame[:-1]:  # a byte every 0.15 s (2.25 s in all), never the last one
+                    slow.sendall(bytes([byte]))
+                    if wait_for(lambda: server.connection_count() == 0, timeout=0.15):
+                        break  # dropped
+            except OSError:
+                pass  # dropped while we were still sending
+            assert wait_for(lambda: server.connection_count() == 0, timeout=5)
+            assert time.monotonic() - started < 1.5  # well before the trickle would have ended
+        guest = RemoteTmem(address, 1, timeout=2.0)
+        assert guest.do_tmem_op(get_record(1), bytearray(4)) == 1
+        guest.close()
+    finally:
+        server.stop()
+
+
+def test_one_save_per_client_and_only_its_own_connection_ends_it():
+    """A second SAVE_BEGIN for a client is refused (-EBUSY) while its save is open; the connection that
+    began a save ends it when it closes, not one that merely sent SAVE_BEGIN for it earlier."""
+    from tmemcore.tmem import Tmem
+
+    host = Tmem(memory_pages=16)
+    host.client(8).new_pool(persistent=True).put(7, 0, bytes(4096))
+    server = TmemServer(host, "tcp:127.0.0.1:0")
+    address = server.start()
+    begin, end = (abi.control_record(subop, 8) for subop in (abi.TMEMC_SAVE_BEGIN, abi.TMEMC_SAVE_END))
+    try:
+        a, b, c = (RemoteTmem(address, 0, timeout=5.0) for _ in range(3))
+        assert a.do_tmem_op(begin) == 1
+        assert b.do_tmem_op(begin) == -errno.EBUSY  # was 1, recording a's freeze as the client's own
+        assert b.do_tmem_op(end) == 0  # any connection may end it
+        assert c.do_tmem_op(begin) == 1  # c's save now
+        a.close()  # a's save is over: its end must not end c's
+        assert wait_for(lambda: server.connection_count() == 2, timeout=5)
+        assert host.client(8).frozen
+        c.close()
+        assert wait_for(lambda: server.connection_count() == 1, timeout=5)
+        assert not host.client(8).frozen
+        b.close()
+        server.check()
+    finally:
         server.stop()
 
 

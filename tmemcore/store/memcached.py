@@ -165,7 +165,7 @@ class MemcachedPages:
     def _mark_down(self, exc: BaseException) -> None:
         if not self._down_until:  # the first failure of an outage: say so once, not per page
             LOG.warning("memcached store %s failed (%s): its pages miss until it answers; retrying every %g s",
-                        self.url, exc or type(exc).__name__, self.retry_after)
+                        self.url, str(exc) or type(exc).__name__, self.retry_after)
         self._down_until = time.monotonic() + self.retry_after
         self._client.close()  # reconnect on the next attempt
 
