@@ -35,11 +35,11 @@ Coherence -- what is guaranteed:
 
 What is NOT guaranteed: an external same-size rewrite within one timestamp tick (both mtime and
 ctime unchanged at ns resolution on the filesystem's coarse clock) is not detected; an external
-change that lands between a write's pwrite and its fstat is taken for our own write (and so is an
-external write still copying when one of ours completes); an external write(2) still copying more
-than ``RACY_NS`` after it began can leave pages read meanwhile cached; and a process that writes
-the backing file through its own shared mapping changes bytes without changing size, mtime or
-ctime (after its first store, until writeback), which no stat can see; and on a backing file
+change that lands between a write's two fstats (before and after its pwrite) is taken for our own
+write (and so is an external write still copying when one of ours completes); an external write(2)
+still copying more than ``RACY_NS`` after it began can leave pages read meanwhile cached; a process
+that writes the backing file through its own shared mapping changes bytes without changing size,
+mtime or ctime (after its first store, until writeback), which no stat can see; and on a backing file
 system whose clock runs behind ours (a remote one) a change looks older than it is. The cache is as coherent
 as the validators, like NFS close-to-open, not like a local page cache.
 
