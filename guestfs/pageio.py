@@ -40,8 +40,8 @@ write (and so is an external write still copying when one of ours completes); an
 still copying more than ``RACY_NS`` after it began can leave pages read meanwhile cached; a process
 that writes the backing file through its own shared mapping changes bytes without changing size,
 mtime or ctime (after its first store, until writeback), which no stat can see; and on a backing file
-system whose clock runs behind ours (a remote one) a change looks older than it is. The cache is as coherent
-as the validators, like NFS close-to-open, not like a local page cache.
+system whose clock runs behind ours (a remote one) a change looks older than it is. The cache is
+as coherent as the validators, like NFS close-to-open, not like a local page cache.
 
 Thread-safe: one lock guards the caches and per-file state; backing I/O runs outside it.
 """
