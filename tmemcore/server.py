@@ -33,6 +33,7 @@ import stat
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -202,15 +203,15 @@ class TmemServer:
     def _end_guest(self, guest: Guest) -> None:
         """The connection is gone: end the saves it left open and destroy the pools it created (a dead
         domain's pools die with it)."""
-        for what, cleanup in (("ended the unfinished save(s) of client(s)", guest.end_saves),
-                              ("destroyed pool(s)", guest.destroy_pools)):
+        for level, what, cleanup in ((logging.WARNING, "ended the unfinished save(s) of client(s)", guest.end_saves),
+                                     (logging.INFO, "destroyed pool(s)", guest.destroy_pools)):
             try:
                 done = cleanup()
             except Exception:  # the host failing here must not take the daemon down; the log keeps the reason
                 LOG.exception("client %d: cleaning up after the closed connection failed", guest.client_id)
                 continue
             if done:
-                LOG.warning("client %d: %s %s of the closed connection", guest.client_id, what, done)
+                LOG.log(level, "client %d: %s %s of the closed connection", guest.client_id, what, done)
 
     def _answer_requests(self, conn: socket.socket, guest: Guest) -> None:
         while True:
@@ -282,19 +283,19 @@ class SaveRegistry:
         self._open: dict[int, tuple[Guest, int]] = {}
         self._lock = threading.Lock()
 
-    def run(self, guest: "Guest", subop: int, cli_id: int, version: int, call: Any) -> int:
+    def run(self, guest: "Guest", subop: int, cli_id: int, version: int, call: Callable[[], int]) -> int:
         """``call()`` (the host's answer to this SAVE_BEGIN/SAVE_END), with the registry kept in step."""
         with self._lock:  # held across the host call: two SAVE_BEGINs for one client cannot interleave
             if subop == abi.TMEMC_SAVE_BEGIN and cli_id in self._open:
                 return -errno.EBUSY
-            rc: int = call()
+            rc = call()
             if subop == abi.TMEMC_SAVE_BEGIN and rc == 1:
                 self._open[cli_id] = (guest, version)
             elif subop == abi.TMEMC_SAVE_END:
                 self._open.pop(cli_id, None)
             return rc
 
-    def end_all(self, guest: "Guest", call: Any) -> list[int]:
+    def end_all(self, guest: "Guest", call: Callable[[bytes], int]) -> list[int]:
         """SAVE_END (via ``call(record)``) each save ``guest`` began and left open; their client ids."""
         with self._lock:
             mine = sorted((cli_id, version) for cli_id, (owner, version) in self._open.items() if owner is guest)
