@@ -257,7 +257,7 @@ SUMMARY: list[tuple[str, list[tuple[str, str]]]] = [
                 ("transport errors", "transport_errors")]),
     ("backing store", [("reads", "backing_reads"), ("bytes read", "backing_bytes_read"),
                        ("bytes written", "bytes_written"),
-                       ("pages not cached: file changed < 1 s ago", "racy_pages_not_cached")]),
+                       ("racy_pages_not_cached", "racy_pages_not_cached")]),
 ]
 POOL_COUNTERS = ("pgp_count", "good_puts", "puts", "found_gets", "gets", "flushs_found", "flushs",
                  "flush_objs", "dup_puts_replaced", "dup_puts_flushed", "no_mem_puts")

@@ -6,8 +6,9 @@
     tmemctl --server ADDR freeze|thaw CLIENT
     tmemctl --server ADDR save CLIENT FILE [--live]
 
-Exit status: 0 ok, 1 bad data or a failed operation, 2 bad usage. Errors are one line on
-stderr, never a traceback.
+Exit status: 0 ok, 1 bad data or a failed operation, 2 bad usage, 130 interrupted (Ctrl-C), 141
+when the reader of its output went away (``| head``). Errors are one line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ SIGTERM/SIGINT stop it cleanly: no new connections, open ones are shut down, a u
 file is removed. A malformed frame closes that one connection with a log line on stderr, and so
 does silence: a connection must send its hello within HELLO_TIMEOUT (5 s). A save (SAVE_BEGIN ..
 SAVE_END) that its connection leaves open is ended when the connection closes; a SAVE_BEGIN for a
-client whose save is open on another connection gets -EBUSY.
+client whose save is already open gets -EBUSY.
 
 A connection is a guest: a hello for ``wire.CLIENT_ANY`` gets the lowest client id >= 1 no
 open connection speaks for, and when the connection ends -- however it ends -- the pools it
@@ -275,7 +275,7 @@ class SaveRegistry:
 
     A save leaves its client frozen (and live-migrating) until SAVE_END, which a tool that dies or
     times out mid-save never sends: the connection's end sends it instead, for the saves that
-    connection still owns. A SAVE_BEGIN for a client whose save is open elsewhere gets -EBUSY
+    connection still owns. A SAVE_BEGIN for a client whose save is already open gets -EBUSY
     (a second one would also record the first's freeze as the client's own); any connection's
     SAVE_END ends a save."""
 

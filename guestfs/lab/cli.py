@@ -5,7 +5,8 @@ at most 1 TiB.
 Errors print one line on stderr, never a traceback: exit status 2 for bad usage (an unknown or
 bad option value, a --trace/--tree/--source that does not exist, an --out that is not a
 directory), 1 for a runtime failure (a trace that cannot be parsed, a mount that fails), 3 when a
-simulation served wrong bytes (a cache bug: the stamped pages did not match).
+replay through the real stack (simulate, hitrate) served wrong bytes (a cache bug: the stamped
+pages did not match).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tmemcore.sizes import MAX_SIZE, parse_size, size_to_pages
 
 
 MAX_PAGES = size_to_pages(MAX_SIZE)
+WRONG_BYTES_STATUS = 3  # a replay served bytes that were not the page's: a cache bug, never a miss
 
 
 def parse_pages(text: str) -> int:
@@ -341,9 +343,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             trace, args.page_cache, tmem_sizes, engine=args.engine, opt=args.opt,
             abi=args.abi, fold=args.fold, compress=args.compress, progress=bar.callback,
         )
+    status = 0 if all(r.wrong_bytes == 0 for r in results) else WRONG_BYTES_STATUS
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
-        return 0
+        return status
     print(f"trace {trace.name} ({trace.format}): {trace.requests:,} page requests, engine {args.engine}")
     header = f"{'page cache':>10} {'tmem':>8} {'requests':>10} {'pc hits':>9} {'tmem hits':>9} {'misses':>9} " \
              f"{'hit %':>8} {'pc %':>8} {'tmem %':>8}{' belady %':>10} {'wrong B':>8} {'req/s':>10}"
@@ -353,7 +356,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"{r.page_cache_pages:>10,} {r.tmem_pages:>8,} {r.requests:>10,} {r.page_cache_hits:>9,} "
               f"{r.tmem_hits:>9,} {r.misses:>9,} {percent(r.hit_ratio):>8} {percent(r.ratio(r.page_cache_hits)):>8} "
               f"{percent(r.ratio(r.tmem_hits)):>8}{belady:>10} {r.wrong_bytes:>8,} {r.requests_per_second:>10,.0f}")
-    return 0 if all(r.wrong_bytes == 0 for r in results) else 3
+    return status
 
 
 def cmd_mrc(args: argparse.Namespace) -> int:
@@ -380,10 +383,10 @@ def cmd_hitrate(args: argparse.Namespace) -> int:
     from .hitrate import run_hitrate
 
     out = args.out or Path("results") / "hitrate"
-    summary = run_hitrate(args, out)
+    summary, wrong_bytes = run_hitrate(args, out)
     print(summary)
     print(f"wrote {out}")
-    return 0
+    return 0 if wrong_bytes == 0 else WRONG_BYTES_STATUS
 
 
 def cmd_keying(args: argparse.Namespace) -> int:

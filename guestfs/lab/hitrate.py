@@ -295,8 +295,9 @@ def _traces_from_args(args: argparse.Namespace) -> list[Trace]:
     return [t.head(args.limit) if args.limit is not None else t for t in loaded]
 
 
-def run_hitrate(args: argparse.Namespace, out: Path) -> str:
-    """``guestfs lab hitrate``: writes hitrate.csv/json, clients.csv/json, PNGs, summary.md."""
+def run_hitrate(args: argparse.Namespace, out: Path) -> tuple[str, int]:
+    """``guestfs lab hitrate``: writes hitrate.csv/json, clients.csv/json, PNGs, summary.md; returns
+    the summary and the wrong bytes the replays served (0 unless the stack has a bug)."""
     traces = _traces_from_args(args)
     sections: list[tuple[str, str]] = []
     all_rows: list[dict[str, Any]] = []
@@ -329,7 +330,8 @@ def run_hitrate(args: argparse.Namespace, out: Path) -> str:
             client_rows, ["client", "name", "weight", "requests", "hit_ratio", "tmem_hit_ratio", "tmem_pages_held", "host_pages"])))
     report.write_json(out / "hitrate.json", payload)
     report.write_summary(out / "summary.md", "Hit rate with tmem second chance", sections)
-    return "\n\n".join(f"## {h}\n\n{b}" for h, b in sections)
+    wrong_bytes = sum(row.get("wrong_bytes", 0) for row in all_rows + payload.get("clients", []))
+    return "\n\n".join(f"## {h}\n\n{b}" for h, b in sections), wrong_bytes
 
 
 def run_clients(args: argparse.Namespace, traces: list[Trace]) -> list[dict[str, Any]]:

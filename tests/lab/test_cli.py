@@ -310,3 +310,27 @@ def test_help_is_wrapped_to_the_terminal(parser: argparse.ArgumentParser, monkey
     monkeypatch.setenv("COLUMNS", "80")
     lines = parser.format_help().splitlines()
     assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+
+
+@pytest.mark.parametrize("argv", [["simulate", "--tmem", "8"], ["simulate", "--tmem", "8", "--json"],
+                                  ["hitrate", "--tmem-sizes", "8", "--no-opt"]])
+def test_a_replay_that_serves_wrong_bytes_exits_3(argv: list[str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit status 3 is the stamp check failing: a cache bug, told apart from a run that merely missed
+    (`simulate --json` and `hitrate` exited 0 while reporting wrong bytes)."""
+    from guestfs.pagecache import PageCache
+
+    real = PageCache.get_or_load
+
+    def corrupt_tmem_hits(self, key, index, loader):  # type: ignore[no-untyped-def]
+        data, where = real(self, key, index, loader)
+        return (b"\xff" * len(data), where) if where == "tmem" else (data, where)
+
+    monkeypatch.setattr(PageCache, "get_or_load", corrupt_tmem_hits)
+    trace = lirs_file(tmp_path, [1, 2, 3, 4, 5, 1, 2, 3, 4, 5] * 20)
+    extra = ["--out", str(tmp_path / "out"), "--page-cache", "2"] if argv[0] == "hitrate" else ["--page-cache", "2"]
+    assert main(["--quiet", argv[0], "--trace", str(trace), *argv[1:], *extra]) == 3
+    capsys.readouterr()
+    monkeypatch.setattr(PageCache, "get_or_load", real)
+    assert main(["--quiet", argv[0], "--trace", str(trace), *argv[1:], *extra]) == 0
