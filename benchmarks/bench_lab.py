@@ -62,6 +62,7 @@ def inlined_required_work(keys: np.ndarray, page_cache_pages: int, tmem_pages: i
     from cachetools import LRUCache
 
     from guestfs.lab.simulate import INDEX_BITS, INDEX_MASK, PAGE_BYTES, stamp_units, tmem_class
+    from guestfs.pagecache import _lru_internals
     from tmemcore.abi import GEN_V1, TMEM_GET_PAGE, TMEM_PUT_PAGE, new_pool_record, pool_flags
 
     tmem = tmem_class()(memory_pages=tmem_pages)
@@ -70,7 +71,7 @@ def inlined_required_work(keys: np.ndarray, page_cache_pages: int, tmem_pages: i
     record = GEN_V1.pack
     frame = bytearray(PAGE_BYTES)
     lru = LRUCache(maxsize=page_cache_pages)
-    pages, order = lru._Cache__data, lru._LRUCache__order  # as guestfs.pagecache uses them
+    pages, order = _lru_internals(lru)  # cachetools' own storage, as guestfs.pagecache uses it
     cached: dict[int, set[int]] = {}  # page cache: cached indexes per file (for invalidation)
     tracked: dict[int, set[int]] = {}  # frontend: indexes possibly in tmem per file
     hits = misses = evictions = puts = succ_gets = failed_gets = wrong = 0

@@ -6,14 +6,13 @@ problem is a ``ValueError`` whose message is one line (the CLI prints it and exi
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tmemcore.abi import PAGE_SIZE
-from tmemcore.sizes import MAX_SIZE, parse_size, size_to_pages  # noqa: F401 (MAX_SIZE: re-exported)
+from tmemcore.sizes import MAX_SIZE, parse_seconds, parse_size, size_to_pages  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from guestfs.stack import StackConfig
@@ -45,19 +44,6 @@ def parse_pages(text: str, what: str) -> int:
         raise ValueError(f"{what} must be at least 1 byte (sizes are rounded up to whole {PAGE_SIZE}-byte pages), "
                          f"got {text!r}")
     return pages
-
-
-def parse_seconds(text: str, what: str, *, allow_zero: bool, maximum: float = math.inf) -> float:
-    """A finite, non-negative (or with ``allow_zero=False`` positive) number of seconds, at most ``maximum``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{what} must be a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero) or value > maximum:
-        bound = ">= 0" if allow_zero else "> 0"
-        bound += f" and <= {maximum:g}" if maximum < math.inf else ""
-        raise ValueError(f"{what} must be a finite number of seconds {bound}, got {text!r}")
-    return value
 
 
 def parse_fuse_options(values: list[str]) -> tuple[str, ...]:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from guestfs.filekey import AT_FDCWD
+
 if TYPE_CHECKING:
     from guestfs.filekey import FileKey
     from guestfs.pageio import PageIO
@@ -37,7 +39,6 @@ UTIME_OMIT = (1 << 30) - 2
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 FALLOC_FL_KEEP_SIZE = 0x01
 
@@ -222,9 +223,7 @@ class Ops:
     @fuse_callback
     def access(self, path: str, amode: int) -> int:
         """faccessat(2) itself, for its errno (EROFS, EPERM on an immutable file, ...), not just EACCES."""
-        if _libc().faccessat(AT_FDCWD, os.fsencode(self._backing(path)), amode, AT_SYMLINK_NOFOLLOW) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), path)
+        _check_libc(_libc().faccessat(AT_FDCWD, os.fsencode(self._backing(path)), amode, AT_SYMLINK_NOFOLLOW), path)
         return 0
 
     @fuse_callback
@@ -359,12 +358,11 @@ class Ops:
     @fuse_callback
     def fallocate(self, path: str, mode: int, offset: int, length: int, fh: FileInfo) -> int:
         """fallocate(2) on the backing file (mfusepy; fusepy has no such callback). A mode that changes
-        bytes (punch hole, zero, collapse or insert range) drops the file's cached pages; plain
-        allocation changes no byte (growth past the end is seen by the size check on read)."""
+        bytes (punch hole, zero range; the kernel's FUSE client refuses collapse and insert range itself)
+        drops the file's cached pages; plain allocation changes no byte (growth past the end is seen by
+        the size check on read)."""
         open_file = self._open_file(fh)
-        if _libc().fallocate(open_file.fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), path)
+        _check_libc(_libc().fallocate(open_file.fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)), path)
         if mode & ~FALLOC_FL_KEEP_SIZE:
             self._pageio.invalidate(open_file.key)
         return 0
@@ -477,9 +475,14 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _renameat2(source: str, target: str, flags: int) -> None:
-    """renameat2(2) for RENAME_NOREPLACE/RENAME_EXCHANGE (no stdlib wrapper in Python 3.11)."""
-    result = _libc().renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), ctypes.c_uint(flags))
+def _check_libc(result: int, path: str) -> None:
+    """A libc call's -1 as the OSError os.* would raise (errno, its text, the path)."""
     if result != 0:
         code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), target)
+        raise OSError(code, os.strerror(code), path)
+
+
+def _renameat2(source: str, target: str, flags: int) -> None:
+    """renameat2(2) for RENAME_NOREPLACE/RENAME_EXCHANGE (no stdlib wrapper in Python 3.11)."""
+    _check_libc(_libc().renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(target), ctypes.c_uint(flags)),
+                target)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import math
 import os
 import signal
 import sys
@@ -26,6 +25,7 @@ from typing import Any, NoReturn
 
 from . import abi, savestream
 from .errors import StreamError
+from .sizes import parse_seconds
 
 EXIT_OK = 0
 EXIT_DATA = 1
@@ -50,12 +50,9 @@ MAX_SECONDS = 86_400.0  # a day: sockets refuse timeouts past time_t (1e10 was a
 def positive_seconds(text: str) -> float:
     """A finite number of seconds > 0, at most a day (argparse type)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not math.isfinite(value) or value <= 0 or value > MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0 and <= {MAX_SECONDS:g}, got {text!r}")
-    return value
+        return parse_seconds(text, "--timeout", allow_zero=False, maximum=MAX_SECONDS)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--timeout ")) from None
 
 
 def client_id(text: str) -> int:

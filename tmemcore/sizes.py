@@ -1,11 +1,14 @@
-"""Sizes on command lines: "4096", "512K", "64M", "1G", "1T" (binary units, optional "B"/"iB").
+"""Sizes and durations on command lines.
 
-One parser for every tool (tmemd --memory, guestfs mount --page-cache/--tmem, guestfs lab and
-demo sizes), so the same text means the same number of bytes everywhere.
+Sizes: "4096", "512K", "64M", "1G", "1T" (binary units, optional "B"/"iB"); durations: finite
+seconds. One parser each for every tool (tmemd --memory, tmemctl --timeout, guestfs mount
+--page-cache/--tmem/--attr-timeout/--timeout and -o timeouts, guestfs lab and demo sizes), so the
+same text means the same thing everywhere.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from .abi import PAGE_SIZE
@@ -30,3 +33,16 @@ def parse_size(text: str) -> int:
 def size_to_pages(nbytes: int) -> int:
     """Bytes -> 4 KiB pages, rounding up in integers (a budget of 1 byte still holds one page)."""
     return -(-nbytes // PAGE_SIZE)
+
+
+def parse_seconds(text: str, what: str, *, allow_zero: bool, maximum: float = math.inf) -> float:
+    """A finite, non-negative (or with ``allow_zero=False`` positive) number of seconds, at most ``maximum``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero) or value > maximum:
+        bound = ">= 0" if allow_zero else "> 0"
+        bound += f" and <= {maximum:g}" if maximum < math.inf else ""
+        raise ValueError(f"{what} must be a finite number of seconds {bound}, got {text!r}")
+    return value
