@@ -50,9 +50,9 @@ SECTION = "## guestfs (bench_fuse.py)"
 LATEST = "### Latest run (bench_fuse.py)"
 
 GUESTFS_CASES = {
-    "guestfs-fc": ["--page-cache", "128M", "--tmem", "4K"],
-    "guestfs-tmem": ["--page-cache", "32K", "--tmem", "128M"],
-    "guestfs-miss": ["--page-cache", "32K", "--tmem", "4K"],
+    "guestfs-fc": ["--first-chance", "daemon", "--page-cache", "128M", "--tmem", "4K"],
+    "guestfs-tmem": ["--first-chance", "daemon", "--page-cache", "32K", "--tmem", "128M"],
+    "guestfs-miss": ["--first-chance", "daemon", "--page-cache", "32K", "--tmem", "4K"],
 }
 TIER_COUNTERS = {"guestfs-fc": "page_cache_hits", "guestfs-tmem": "succ_gets", "guestfs-miss": "backing_reads"}
 # Sequential reads count pages, not requests: a miss of a whole 1 MiB read is one backing pread.

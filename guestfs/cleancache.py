@@ -1,7 +1,10 @@
 """The cleancache frontend, after Linux ``mm/cleancache.c`` + ``drivers/xen/tmem.c``.
 
-One private ephemeral tmem pool per backing filesystem: ``init_fs`` sends NEW_POOL,
-``invalidate_fs`` DESTROY_POOL. ``get_page``/``put_page`` move whole 4096-byte pages;
+One ephemeral tmem pool per backing filesystem: ``init_fs`` sends NEW_POOL,
+``invalidate_fs`` DESTROY_POOL. The pool is private (gets are exclusive: a hit leaves the host),
+or, with ``shared_uuid``, a shared pool of that uuid (gets are not exclusive: a hit stays in the
+host, as Xen's shared ephemeral pools and what an inclusive second chance behind the kernel's
+page cache needs). ``get_page``/``put_page`` move whole 4096-byte pages;
 ``invalidate_page``/``invalidate_inode`` send FLUSH_PAGE/FLUSH_OBJECT. A put always
 "succeeds" (the host may drop it); a get returns ``bytes`` or ``None``.
 
@@ -25,7 +28,8 @@ ABI (``abi``):
 Ownership guard (all modes). The frontend remembers, per pool, which pages it may have put:
 ``key -> _Object(wire oid, indexes possibly in tmem)``, plus ``wire oid -> owning key``. An
 object exists exactly while some of its pages may be in the host (a private ephemeral get is
-exclusive, so a get -- hit or miss -- removes the index; flushes remove it; the host's own
+exclusive, so a get -- hit or miss -- removes the index; a non-exclusive get removes it on a miss;
+flushes remove it; the host's own
 silent evictions are not visible, so the set is a *superset* of what the host holds). A key
 whose wire oid is owned by a different key is bypassed: its puts are dropped and its gets miss
 (``fold_collisions`` in v0, ``oid_collisions`` in v1, where it can only happen between
@@ -127,6 +131,7 @@ class CleanCache:
         abi: str = "v1",
         fold: str = "xxh64",
         max_tracked_pages: int = 1 << 20,
+        shared_uuid: tuple[int, int] | None = None,
     ) -> None:
         if abi not in ABIS:
             raise ValueError(f"abi must be one of {', '.join(ABIS)}, got {abi!r}")
@@ -138,6 +143,8 @@ class CleanCache:
         self.abi = abi
         self.fold = fold
         self.max_tracked_pages = max_tracked_pages
+        self.shared_uuid = shared_uuid
+        self.exclusive_gets = shared_uuid is None  # a private ephemeral pool's gets remove the page
         self.mode = "uninitialised"
         self.disabled_reason = ""
         self._pool_id = -1
@@ -176,7 +183,8 @@ class CleanCache:
         versions = {"v1": (SPEC_V1,), "v0": (SPEC_V0,), "auto": (SPEC_V1, SPEC_V0)}[self.abi]
         errors_before = self.transport_errors
         for version in versions:
-            rc = self._call(new_pool_record(pool_flags(version=version), version=version))
+            flags = pool_flags(shared=self.shared_uuid is not None, version=version)
+            rc = self._call(new_pool_record(flags, self.shared_uuid or (0, 0), version=version))
             if rc >= 0:
                 self._pool_id, self._version = rc, version
                 self.mode = "v1" if version == SPEC_V1 else f"v0-{self.fold}"
@@ -198,7 +206,7 @@ class CleanCache:
     # --- pages -------------------------------------------------------------------------------
 
     def get_page(self, key: FileKey, index: int) -> bytes | None:
-        """The page's 4096 bytes from tmem (removing it: private gets are exclusive), or None."""
+        """The page's 4096 bytes from tmem, or None. A private pool's get removes the page (exclusive)."""
         obj = self._objects.get(key)
         indexes = obj.indexes if obj is not None else _NO_INDEXES
         if index not in indexes:
@@ -206,6 +214,8 @@ class CleanCache:
                 self.failed_gets += 1
                 self.gets_skipped += 1
             return None
+        if not self.exclusive_gets:
+            return self._get_kept(key, obj, index)  # type: ignore[arg-type]
         indexes.discard(index)  # _untrack, inlined (hot path): a private get is exclusive, hit or miss
         self._tracked -= 1
         if not indexes:
@@ -222,6 +232,22 @@ class CleanCache:
         self.failed_gets += 1
         return None
 
+    def _get_kept(self, key: FileKey, obj: _Object, index: int) -> bytes | None:
+        """A non-exclusive get (shared pool) of a tracked page: a hit stays tracked (the host kept
+        it), a miss untracks it (the host dropped it)."""
+        page = self._page
+        try:
+            rc = self.transport.call(obj.splice(obj.get_head, index, obj.tail), page)
+        except OSError as exc:
+            rc = self._transport_failed(exc)
+        if rc == 1:
+            self.succ_gets += 1
+            return bytes(page)
+        self.failed_gets += 1
+        if self._pool_id >= 0:  # (a transport failure forgot every object already)
+            self._untrack(key, obj, index)
+        return None
+
     def get_pages(self, key: FileKey, indexes: list[int]) -> list[bytes | None]:
         """``get_page`` of each index in order (one object lookup for the run); None = miss."""
         obj = self._objects.get(key)  # an object exists only while the pool is active
@@ -230,6 +256,8 @@ class CleanCache:
                 self.failed_gets += len(indexes)
                 self.gets_skipped += len(indexes)
             return [None] * len(indexes)
+        if not self.exclusive_gets:
+            return [self.get_page(key, index) for index in indexes]
         tracked = obj.indexes
         page, call = self._page, self.transport.call
         head, tail, splice = obj.get_head, obj.tail, obj.splice
@@ -354,6 +382,7 @@ class CleanCache:
             "abi": self.abi,
             "fold": self.fold,
             "pool_id": self._pool_id,
+            "exclusive_gets": self.exclusive_gets,
             "disabled_reason": self.disabled_reason,
             "succ_gets": self.succ_gets,
             "failed_gets": self.failed_gets,

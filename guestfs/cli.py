@@ -20,12 +20,14 @@ from typing import Any, NoReturn
 from guestfs.config import (
     ABIS,
     BINDINGS,
+    FIRST_CHANCES,
     FOLDS,
     HOST_SPECS,
     MAX_ATTR_TIMEOUT,
     MAX_CLIENT_ID,
     MOUNT_TYPE,
     THREADS,
+    PAGE_CACHE_NEEDS_DAEMON,
     MountConfig,
     mount_type,
     parse_fuse_options,
@@ -97,9 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory to mount on (its contents are hidden while mounted)")
     mount.add_argument("-f", "--foreground", action="store_true",
                        help="serve in the foreground until unmounted or signalled (default: detach)")
-    mount.add_argument("--page-cache", metavar="SIZE", default=DEFAULT_PAGE_CACHE,
-                       help="first-chance page cache size, K/M/G suffixes or bytes, rounded up to 4 KiB pages "
-                            f"(default: {DEFAULT_PAGE_CACHE})")
+    mount.add_argument("--first-chance", choices=FIRST_CHANCES, default="kernel",
+                       help="who serves repeated reads: kernel = the kernel's page cache (native speed; guestfs "
+                            "sees only its misses and puts every page it reads into tmem), daemon = guestfs's own "
+                            "first-chance cache (every read reaches the daemon: exact per-read counts, exclusive "
+                            "tmem gets; what the lab uses) (default: %(default)s)")
+    mount.add_argument("--page-cache", metavar="SIZE", default=None,
+                       help="size of guestfs's own first-chance cache (--first-chance daemon only), K/M/G "
+                            f"suffixes or bytes, rounded up to 4 KiB pages (default: {DEFAULT_PAGE_CACHE})")
+    mount.add_argument("--backing-direct", action="store_true",
+                       help="read misses from the backing files with O_DIRECT, so the host's page cache does not "
+                            "serve what a guest's disk would read (falls back to normal reads, with a notice, "
+                            "where the filesystem refuses O_DIRECT) (default: off)")
     mount.add_argument("--tmem", metavar="SIZE", default=None,
                        help=f"memory budget of the embedded tmem host, at most 1T (default: {DEFAULT_TMEM}; "
                             "not with --server)")
@@ -164,14 +175,18 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
     """Validate every mount option into a MountConfig; raises UsageError (one line)."""
     try:
         _refuse_embedded_options_with_server(args)
+        page_cache_pages = parse_pages(args.page_cache or DEFAULT_PAGE_CACHE, "--page-cache")
+        if args.page_cache is not None and args.first_chance == "kernel":  # even when it names the default
+            raise ValueError(PAGE_CACHE_NEEDS_DAEMON)
         return MountConfig.create(
             args.source, args.mountpoint,
-            page_cache_pages=parse_pages(args.page_cache, "--page-cache"),
+            page_cache_pages=page_cache_pages,
             tmem_pages=parse_pages(DEFAULT_TMEM if args.tmem is None else args.tmem, "--tmem"),
             abi=args.abi, fold=args.v0_fold, compress=args.compress, read_only=args.ro,
             host_spec=args.host_spec or DEFAULT_HOST_SPEC, server=args.server, client_id=args.client_id,
             binding=args.fuse, attr_timeout=args.attr_timeout, threads=args.threads,
             fuse_options=parse_fuse_options(args.fuse_options),
+            first_chance=args.first_chance, backing_direct=args.backing_direct,
         )
     except ValueError as exc:
         raise UsageError(f"guestfs mount: error: {exc}") from None

@@ -24,6 +24,7 @@ FOLDS = ("xxh64", "ino")
 HOST_SPECS = ("auto", "v1", "v0", "both")
 BINDINGS = ("mfusepy", "fusepy")
 THREADS = ("single", "multi")
+FIRST_CHANCES = ("kernel", "daemon")
 
 # -o options a user may pass through to libfuse. Everything else is refused: options such as
 # direct_io, kernel_cache or writeback would silently defeat the user-space cache or its accounting,
@@ -32,6 +33,9 @@ _FLAG_OPTIONS = frozenset({"allow_other", "default_permissions", "noatime", "nod
 _SECONDS_OPTIONS = frozenset({"entry_timeout", "negative_timeout"})
 _VALUE_OPTIONS = frozenset({"fsname"}) | _SECONDS_OPTIONS
 MAX_ATTR_TIMEOUT = 3600.0
+DEFAULT_PAGE_CACHE_PAGES = 4096  # 16 MiB
+PAGE_CACHE_NEEDS_DAEMON = ("--page-cache sizes guestfs's own first-chance cache; with --first-chance kernel the "
+                           "kernel's page cache is the first chance (add --first-chance daemon)")
 MOUNT_TYPE = "fuse.guestfs"  # the type /proc/mounts lists for every guestfs mount (FUSE subtype "guestfs")
 
 def parse_pages(text: str, what: str) -> int:
@@ -84,7 +88,7 @@ class MountConfig:
 
     source: str
     mountpoint: str
-    page_cache_pages: int = 4096
+    page_cache_pages: int = DEFAULT_PAGE_CACHE_PAGES
     tmem_pages: int = 65536
     abi: str = "auto"
     fold: str = "xxh64"
@@ -97,6 +101,8 @@ class MountConfig:
     attr_timeout: float = 1.0
     threads: str = "single"
     fuse_options: tuple[str, ...] = field(default_factory=tuple)
+    first_chance: str = "kernel"  # kernel: the kernel's page cache | daemon: guestfs's own (direct_io, exact)
+    backing_direct: bool = False
 
     @classmethod
     def create(cls, source: str, mountpoint: str, **options: object) -> MountConfig:
@@ -127,6 +133,9 @@ class MountConfig:
         _choice(self.host_spec, HOST_SPECS, "--host-spec")
         _choice(self.binding, BINDINGS, "--fuse")
         _choice(self.threads, THREADS, "--threads")
+        _choice(self.first_chance, FIRST_CHANCES, "--first-chance")
+        if self.first_chance == "kernel" and self.page_cache_pages != DEFAULT_PAGE_CACHE_PAGES:
+            raise ValueError(PAGE_CACHE_NEEDS_DAEMON)
         if not (0.0 <= self.attr_timeout <= MAX_ATTR_TIMEOUT):  # also false for NaN
             raise ValueError(f"--attr-timeout must be between 0 and {MAX_ATTR_TIMEOUT:g} seconds, got {self.attr_timeout:g}")
         if self.client_id is not None and not 1 <= self.client_id <= MAX_CLIENT_ID:
@@ -151,10 +160,14 @@ class MountConfig:
 
     def to_args(self) -> list[str]:
         """The ``guestfs mount`` options (without SOURCE/MOUNTPOINT) that recreate this config."""
-        args = [
-            "--page-cache", str(self.page_cache_pages * PAGE_SIZE), "--abi", self.abi, "--v0-fold", self.fold,
-            "--fuse", self.binding, "--attr-timeout", repr(self.attr_timeout), "--threads", self.threads,
+        args = ["--first-chance", self.first_chance]
+        if self.first_chance == "daemon":  # with kernel there is no first-chance cache of ours to size
+            args += ["--page-cache", str(self.page_cache_pages * PAGE_SIZE)]
+        args += [
+            "--abi", self.abi, "--v0-fold", self.fold, "--fuse", self.binding,
+            "--attr-timeout", repr(self.attr_timeout), "--threads", self.threads,
         ]
+        args += ["--backing-direct"] * self.backing_direct
         if self.server is None:  # the embedded host's options; refused together with --server
             args += ["--tmem", str(self.tmem_pages * PAGE_SIZE), "--host-spec", self.host_spec]
             args += ["--compress"] * self.compress
@@ -177,6 +190,9 @@ class MountConfig:
             host_spec=self.host_spec,
             server=self.server,
             client_id=self.client_id,
+            first_chance=self.first_chance,
+            backing_direct=self.backing_direct,
+            attr_timeout=self.attr_timeout,
         )
 
 

@@ -65,6 +65,7 @@ class FileInfo(Protocol):
     flags: int
     fh: int
     direct_io: int
+    keep_cache: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,11 @@ class OpenFile:
     fd: int
     key: FileKey
     append: bool = False  # opened O_APPEND: every write goes to the backing file's real end
+    read_fd: int = -1  # --backing-direct: an O_DIRECT descriptor of the same file for misses (-1: fd)
+
+    @property
+    def reads_from(self) -> int:
+        return self.fd if self.read_fd < 0 else self.read_fd
 
 
 def fuse_callback(handler: _Handler) -> _Handler:
@@ -101,9 +107,12 @@ class Ops:
 
     Caveats (also in docs/guestfs.md):
 
-    * Every open is direct_io (``fi.direct_io = 1``) so every read reaches the daemon and hit/miss
-      accounting is exact. Consequences: ``mmap(MAP_SHARED)`` fails with ENODEV (MAP_PRIVATE works),
-      the kernel does no readahead and no page caching of file data for the mount.
+    * ``--first-chance daemon``: every open is direct_io (``fi.direct_io = 1``) so every read reaches
+      the daemon and hit/miss accounting is exact. Consequences: ``mmap(MAP_SHARED)`` fails with
+      ENODEV (MAP_PRIVATE works), the kernel does no readahead and no page caching of file data.
+    * ``--first-chance kernel``: opens are cached; the kernel's page cache serves repeated reads and
+      keeps its pages across an open only when PageIO says the file is unchanged since they were
+      cached (``fi.keep_cache``, close-to-open); only its misses reach the daemon.
     * Attributes and lookups are cached by the kernel for ``attr_timeout``/``entry_timeout`` (1 s by
       default): a change made directly in the backing directory may show stale ``stat`` results for that
       long. File *data* is never stale: PageIO revalidates size/mtime/ctime on every read.
@@ -152,6 +161,8 @@ class Ops:
         self._canonical_keys: dict[FileKey, FileKey] = {}
         self._fh_numbers = itertools.count(1)
         self._fh_guard = threading.Lock()  # not named "lock": that name is a FUSE callback
+        self._kernel_first_chance = pageio.first_chance == "kernel"
+        self._direct_refused = False
 
     # -- the one path-translation point ------------------------------------------------------------
 
@@ -167,20 +178,41 @@ class Ops:
         return self._canonical_keys.setdefault(key, key)
 
     def _register(self, fd: int, fi: FileInfo, truncated: bool) -> int:
+        read_fd = -1
         try:
             key = self._canonical(self._key_for_fd(fd))
             if truncated:
                 self._pageio.truncate(key, 0)
-            self._pageio.revalidate(key, os.fstat(fd))
+            st = os.fstat(fd)
+            self._pageio.revalidate(key, st)
+            direct_io, keep_cache = True, False  # daemon first chance: every read reaches the daemon
+            if self._kernel_first_chance:
+                direct_io, keep_cache = self._pageio.kernel_open(key, st, writable=fi.flags & os.O_ACCMODE != os.O_RDONLY)
+            if self._pageio.backing_direct and fi.flags & os.O_ACCMODE != os.O_WRONLY:
+                read_fd = self._direct_reader(fd)
         except BaseException:
             os.close(fd)
             raise
         with self._fh_guard:
             fh = next(self._fh_numbers)
-            self._files[fh] = OpenFile(fd, key, append=bool(fi.flags & os.O_APPEND))
+            self._files[fh] = OpenFile(fd, key, append=bool(fi.flags & os.O_APPEND), read_fd=read_fd)
         fi.fh = fh
-        fi.direct_io = 1  # every read reaches the daemon: exact hit accounting, no double caching
+        fi.direct_io = int(direct_io)
+        fi.keep_cache = int(keep_cache)
         return 0
+
+    def _direct_reader(self, fd: int) -> int:
+        """An O_DIRECT descriptor of the file behind ``fd`` (reopened through /proc, so the same
+        inode whatever happened to its name), or -1 -- with a one-line notice, once -- where the
+        backing filesystem refuses O_DIRECT (tmpfs, some FUSE and network filesystems)."""
+        try:
+            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if not self._direct_refused:
+                self._direct_refused = True
+                _log.warning("--backing-direct: %s refuses O_DIRECT (%s); misses read through the host page "
+                             "cache instead", self.root, exc.strerror)
+            return -1
 
     def _open_file(self, fi: FileInfo) -> OpenFile:
         try:
@@ -199,6 +231,7 @@ class Ops:
         for fh, open_file in list(self._files.items()):
             assert fh > 0, fh
             os.fstat(open_file.fd)  # raises EBADF if a descriptor leaked closed
+            os.fstat(open_file.reads_from)
 
     # -- attributes and directories ---------------------------------------------------------------
 
@@ -330,7 +363,7 @@ class Ops:
             open_file = self._files.get(fh.fh)
             if open_file is None:
                 raise OSError(errno.EBADF, "unknown FUSE file handle")
-            return self._pageio.read(open_file.key, open_file.fd, offset, size)
+            return self._pageio.read(open_file.key, open_file.reads_from, offset, size)
         except OSError:
             raise
         except BaseException as exc:  # as fuse_callback: logged, and EIO instead of the binding's guess
@@ -394,6 +427,8 @@ class Ops:
             open_file = self._files.pop(fh.fh, None)
         if open_file is not None:
             os.close(open_file.fd)
+            if open_file.read_fd >= 0:
+                os.close(open_file.read_fd)
         return 0
 
     # -- extended attributes (and the virtual stats attribute on the root) -------------------------

@@ -349,3 +349,54 @@ def _lru_internals(cache: LRUCache) -> tuple[dict[int, bytes], OrderedDict[int, 
             or type(getattr(cache, "_Cache__currsize", None)) is not int:
         raise RuntimeError(f"unsupported cachetools {cachetools.__version__}: LRUCache internals changed")
     return pages, order
+
+
+class KernelFirstChance:
+    """The first chance is the kernel's page cache (guestfs ``--first-chance kernel``): the daemon
+    caches nothing itself, and tmem is an *inclusive* second chance behind the kernel.
+
+    FUSE tells no one when the kernel drops a clean page, so there is no eviction to hook: every
+    page the daemon loads from the backing file is put into tmem at once (``insert_many``), and
+    tmem gets leave the page there (the CleanCache's pool is shared, so its gets are not
+    exclusive). The same calls as :class:`PageCache` (what ``PageIO`` uses), with nothing held.
+    """
+
+    maxsize = 0
+
+    def __init__(self, cleancache: CleanCache) -> None:
+        self.cleancache = cleancache
+        self.hits = 0  # always 0: the kernel's own hits never reach the daemon
+        self.misses = 0  # pages asked of tmem
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return 0
+
+    def lookup_run(self, key: FileKey, first: int, stop: int, file_size: int) -> list[bytes | None]:
+        """Pages ``first..stop-1`` from tmem (each stays there); None = miss."""
+        self.misses += stop - first
+        if stop - first == 1:
+            return [self.cleancache.get_page(key, first)]
+        return self.cleancache.get_pages(key, list(range(first, stop)))
+
+    def insert_many(self, key: FileKey, pages: list[tuple[int, bytes]]) -> None:
+        """Pages just read from the backing file: into tmem (a duplicate put replaces a racing copy)."""
+        self.cleancache.put_pages(key, pages)
+
+    def has_page(self, key: FileKey, index: int) -> bool:
+        return False
+
+    def discard(self, key: FileKey, index: int) -> None:
+        """Nothing held here (PageIO flushes the tmem copy itself)."""
+
+    def discard_file(self, key: FileKey) -> int:
+        return 0
+
+    def clear(self) -> None:
+        """Nothing held here."""
+
+    def cached_files(self) -> list[FileKey]:
+        return []
+
+    def check(self) -> None:
+        assert not self.cleancache.exclusive_gets, "an inclusive second chance needs non-exclusive gets"

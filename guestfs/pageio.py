@@ -48,6 +48,7 @@ Thread-safe: one lock guards the caches and per-file state; backing I/O runs out
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -57,7 +58,7 @@ from tmemcore.abi import PAGE_SHIFT, PAGE_SIZE
 
 from .cleancache import CleanCache
 from .filekey import FileKey
-from .pagecache import PageCache
+from .pagecache import KernelFirstChance, PageCache
 
 Validators = tuple[int, int, int]  # st_size, st_mtime_ns, st_ctime_ns
 PRUNE_FILES_MIN = 4096  # per-file states kept before the first prune of states that guard no page
@@ -71,13 +72,17 @@ RACY_NS = 1_000_000_000
 class _FileState:
     """Per-file validators and the generation that orders reads against invalidations."""
 
-    __slots__ = ("validators", "generation", "next_index", "own_stamp")
+    __slots__ = ("validators", "generation", "next_index", "own_stamp", "kernel_validators")
 
     def __init__(self, validators: Validators | None) -> None:
         self.validators = validators
         self.generation = 0
         self.next_index = -1  # the page after the last read's end (sequential detection)
         self.own_stamp = False  # validators recorded after our own write completed (not racy)
+        # --first-chance kernel: the validators under which the kernel's cached pages of this file
+        # hold the file's bytes (recorded at an open, moved on by our own completed writes); None
+        # when nothing is known, so the next open makes the kernel drop them.
+        self.kernel_validators: Validators | None = None
 
 
 def wait_until_cacheable(*paths: str | os.PathLike[str]) -> None:
@@ -116,17 +121,53 @@ def pread_full(fd: int, count: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-class PageIO:
-    """Page-granular, coherent, thread-safe reads and writes over backing file descriptors."""
+def pread_direct(fd: int, count: int, offset: int) -> bytes:
+    """``pread_full`` into a page-aligned buffer, as O_DIRECT needs (``offset`` and ``count`` are
+    whole pages here); works the same on a descriptor without O_DIRECT."""
+    with mmap.mmap(-1, count) as buffer:  # anonymous mappings are page-aligned
+        got = 0
+        while got < count:
+            done = os.preadv(fd, [memoryview(buffer)[got:]], offset + got)
+            if not done:
+                break
+            got += done
+        return buffer[:got]
 
-    def __init__(self, page_cache_pages: int, cleancache: CleanCache, *, readahead_pages: int = 32) -> None:
+
+FIRST_CHANCES = ("daemon", "kernel")
+
+
+class PageIO:
+    """Page-granular, coherent, thread-safe reads and writes over backing file descriptors.
+
+    ``first_chance``: ``daemon`` keeps a first-chance :class:`PageCache` of ``page_cache_pages``
+    here (every read reaches the daemon: the mount is direct_io), ``kernel`` leaves the first
+    chance to the kernel's page cache (:class:`KernelFirstChance`: tmem is inclusive behind it,
+    no read-ahead here, the kernel does its own). ``backing_direct``: misses read through
+    page-aligned buffers (``pread_direct``), so the descriptors may be O_DIRECT.
+    """
+
+    def __init__(self, page_cache_pages: int, cleancache: CleanCache, *, readahead_pages: int = 32,
+                 first_chance: str = "daemon", backing_direct: bool = False, attr_timeout: float = 1.0) -> None:
         if readahead_pages < 0:
             raise ValueError(f"readahead_pages must be >= 0, got {readahead_pages}")
+        if first_chance not in FIRST_CHANCES:
+            raise ValueError(f"first_chance must be one of {', '.join(FIRST_CHANCES)}, got {first_chance!r}")
         self.cleancache = cleancache
-        self.cache = PageCache(page_cache_pages, cleancache)
-        # Read ahead only into a first-chance cache big enough that prefetched pages are not
-        # evicted (put to tmem, then got back at twice the cost) before they are read.
-        self.readahead_pages = min(readahead_pages, page_cache_pages // 8)
+        self.first_chance = first_chance
+        self.cache: PageCache | KernelFirstChance
+        if first_chance == "kernel":
+            self.cache = KernelFirstChance(cleancache)
+            self.readahead_pages = 0
+        else:
+            self.cache = PageCache(page_cache_pages, cleancache)
+            # Read ahead only into a first-chance cache big enough that prefetched pages are not
+            # evicted (put to tmem, then got back at twice the cost) before they are read.
+            self.readahead_pages = min(readahead_pages, page_cache_pages // 8)
+        self.backing_direct = backing_direct
+        # kernel first chance: how long after a change behind the mount the kernel may still hold
+        # the file's old attributes, or a writer may still be copying (see ``kernel_open``)
+        self.settle_ns = max(RACY_NS, int(attr_timeout * 1e9))
         self._lock = threading.Lock()
         # Per-file validators exist while a file has pages cached here or tracked in tmem; the states
         # of files with neither are pruned (amortized: when the table doubles), so reading millions of
@@ -205,7 +246,7 @@ class PageIO:
         ``pages[wanted:]`` are read-ahead pages: cached, not returned.
         """
         if len(pages) == 1:  # a random read's miss: no runs to look for
-            data = pread_full(fd, PAGE_SIZE, first << PAGE_SHIFT)
+            data = self._read_backing(fd, PAGE_SIZE, first << PAGE_SHIFT)
             pages[0] = data
             self._cache_loaded(key, state, generation, [(first, data)] if data else [], 1, len(data), 0)
             return
@@ -220,7 +261,7 @@ class PageIO:
             while run_end < len(pages) and pages[run_end] is None:
                 run_end += 1
             start_index = first + position
-            data = pread_full(fd, (run_end - position) << PAGE_SHIFT, start_index << PAGE_SHIFT)
+            data = self._read_backing(fd, (run_end - position) << PAGE_SHIFT, start_index << PAGE_SHIFT)
             preads += 1
             bytes_read += len(data)
             for slot in range(position, run_end):
@@ -230,6 +271,9 @@ class PageIO:
                     loaded.append((first + slot, chunk))
             position = run_end
         self._cache_loaded(key, state, generation, loaded, preads, bytes_read, len(pages) - wanted)
+
+    def _read_backing(self, fd: int, count: int, offset: int) -> bytes:
+        return pread_direct(fd, count, offset) if self.backing_direct else pread_full(fd, count, offset)
 
     def _cache_loaded(
         self,
@@ -297,6 +341,13 @@ class PageIO:
             if after.st_size > old_size and old_size % PAGE_SIZE:
                 self._drop_page_locked(key, old_size >> PAGE_SHIFT)  # its cached copy is short
             state.generation += 1
+            # The kernel's cache (kernel first chance) took these bytes at ``offset`` as we wrote
+            # them: still the file's bytes, unless an append landed elsewhere (a stale kernel size).
+            landed_where_told = not append or start == offset
+            if state.kernel_validators == validators_of(before) and landed_where_told:
+                state.kernel_validators = validators_of(after)
+            else:
+                state.kernel_validators = None
             state.validators = validators_of(after)
             state.own_stamp = True  # our pwrite had returned: no write of ours is still copying
         return written
@@ -316,6 +367,7 @@ class PageIO:
             if state is not None:
                 state.validators = None  # the next read adopts the new stat without a drop
                 state.own_stamp = False
+                state.kernel_validators = None
 
     def forget(self, key: FileKey) -> None:
         """The file's last link is gone (or renamed over): drop its pages and state."""
@@ -327,6 +379,32 @@ class PageIO:
         """Drop the file's pages if size, mtime_ns or ctime_ns changed since they were cached."""
         with self._lock:
             self._revalidate_locked(key, st)
+
+    def kernel_open(self, key: FileKey, st: os.stat_result, *, writable: bool) -> tuple[bool, bool]:
+        """How an open may use the kernel's page cache (kernel first chance): ``(direct_io,
+        keep_cache)`` for the open's reply.
+
+        * keep (``(False, True)``): the file's size, mtime and ctime are those recorded at an
+          earlier open or after our own completed write, so what the kernel cached is still the
+          file's bytes (libfuse's auto_cache rule, written out).
+        * drop (``(False, False)``): cached, but the kernel drops what it holds of the file first.
+        * direct (``(True, False)``): the file changed behind the mount less than ``settle_ns``
+          ago (the larger of ``RACY_NS`` and the kernel's attribute timeout). The kernel may still
+          hold its size from before the change (it would cut reads there) and a writer may still
+          be copying (the kernel would cache its old bytes), so this open's reads all reach the
+          daemon, which serves the file as it is now. Opens for writing stay cached (a direct
+          write would bypass the pages other descriptors cache) and drop.
+        """
+        current = validators_of(st)
+        settled = time.time_ns() - st.st_ctime_ns >= self.settle_ns
+        with self._lock:
+            state = self._revalidate_locked(key, st)
+            if settled or state.own_stamp:
+                keep = state.kernel_validators == current
+                state.kernel_validators = current
+                return False, keep
+            state.kernel_validators = None  # pages the kernel reads now may be a racing writer's old bytes
+            return not writable, False
 
     def close(self) -> None:
         """Drop everything and destroy the tmem pool (DESTROY_POOL)."""
@@ -341,6 +419,8 @@ class PageIO:
     def stats(self) -> dict[str, int | str]:
         with self._lock:
             out: dict[str, int | str] = {
+                "first_chance": self.first_chance,
+                "backing_direct": int(self.backing_direct),
                 "reads": self.reads,
                 "writes": self.writes,
                 "bytes_written": self.bytes_written,

@@ -21,13 +21,15 @@ server destroys the pools it created.
 
 from __future__ import annotations
 
+import os
+import struct
 from dataclasses import dataclass
 
 import tmemcore
 from tmemcore.abi import SPEC_V0, SPEC_V1
 
 from .cleancache import ABIS, FOLDS, CleanCache
-from .pageio import PageIO
+from .pageio import FIRST_CHANCES, PageIO
 from .transport import InProcessTransport, SocketTransport, Transport
 
 HOST_SPECS = ("v0", "v1", "both", "auto")
@@ -45,7 +47,10 @@ class StackConfig:
     host_spec: str = "auto"  # v0 | v1 | both | auto (the embedded host; only "auto" with a server)
     server: str | None = None  # tmemd address ("tcp:127.0.0.1:PORT" | "unix:PATH"); None = embedded
     client_id: int | None = None  # None: 1 on the embedded host, assigned by the tmemd with a server
-    readahead_pages: int = 32  # sequential read-ahead (capped at page_cache_pages // 8)
+    readahead_pages: int = 32  # sequential read-ahead (capped at page_cache_pages // 8; none with kernel)
+    first_chance: str = "daemon"  # daemon: PageIO's own first-chance cache | kernel: the kernel's page cache
+    backing_direct: bool = False  # misses read the backing files with O_DIRECT where the filesystem allows
+    attr_timeout: float = 1.0  # the mount's kernel attribute timeout (kernel first chance: see PageIO.kernel_open)
 
     def validate(self) -> None:
         """Raise ValueError (one line) for a bad setting."""
@@ -59,6 +64,8 @@ class StackConfig:
             raise ValueError(f"fold must be one of {', '.join(FOLDS)}, got {self.fold!r}")
         if self.host_spec not in HOST_SPECS:
             raise ValueError(f"host_spec must be one of {', '.join(HOST_SPECS)}, got {self.host_spec!r}")
+        if self.first_chance not in FIRST_CHANCES:
+            raise ValueError(f"first_chance must be one of {', '.join(FIRST_CHANCES)}, got {self.first_chance!r}")
         if self.readahead_pages < 0:
             raise ValueError(f"readahead_pages must be >= 0, got {self.readahead_pages}")
         if self.client_id is not None and not 0 < self.client_id < 0xFFFF:
@@ -120,6 +127,14 @@ def probe_server(address: str, client_id: int | None = None, timeout: float = SE
     SocketTransport(address, client_id, timeout).close()
 
 
+def _private_shared_uuid() -> tuple[int, int]:
+    """A fresh random uuid for a shared pool this guest alone uses. Behind the kernel's page cache
+    tmem must be inclusive, so its gets must not be exclusive: Xen's shared ephemeral pools are the
+    pools with non-exclusive gets. 128 random bits: no other guest names it by chance."""
+    lo, hi = struct.unpack("<QQ", os.urandom(16))
+    return lo, hi
+
+
 def build_stack(config: StackConfig) -> Stack:
     """Host, transport, CleanCache (pool created now) and PageIO, per ``config``.
 
@@ -132,7 +147,10 @@ def build_stack(config: StackConfig) -> Stack:
         transport = InProcessTransport(tmem, config.client_id or EMBEDDED_CLIENT_ID)
     else:
         transport = SocketTransport(config.server, config.client_id, SERVER_TIMEOUT)
-    cleancache = CleanCache(transport, abi=config.abi, fold=config.fold, max_tracked_pages=max(4 * config.tmem_pages, 1024))
+    cleancache = CleanCache(transport, abi=config.abi, fold=config.fold, max_tracked_pages=max(4 * config.tmem_pages, 1024),
+                            shared_uuid=_private_shared_uuid() if config.first_chance == "kernel" else None)
     cleancache.init_fs()
-    pageio = PageIO(config.page_cache_pages, cleancache, readahead_pages=config.readahead_pages)
+    pageio = PageIO(config.page_cache_pages, cleancache, readahead_pages=config.readahead_pages,
+                    first_chance=config.first_chance, backing_direct=config.backing_direct,
+                    attr_timeout=config.attr_timeout)
     return Stack(config, pageio, transport, tmem)

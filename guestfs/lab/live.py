@@ -175,8 +175,9 @@ def run_fio(mountpoint: Path, big_file: str, reads: int, seed: int) -> dict[str,
 
 def mount_args(page_cache_pages: int, tmem_pages: int, *, abi: str = "v1", fold: str = "xxh64",
                compress: bool = False) -> list[str]:
-    args = ["--page-cache", f"{page_cache_pages * 4}K", "--tmem", f"{max(tmem_pages, 1) * 4}K",
-            "--abi", abi, "--v0-fold", fold]
+    # --first-chance daemon: every read reaches the daemon, so hits and misses are counted exactly
+    args = ["--first-chance", "daemon", "--page-cache", f"{page_cache_pages * 4}K",
+            "--tmem", f"{max(tmem_pages, 1) * 4}K", "--abi", abi, "--v0-fold", fold]
     return args + (["--compress"] if compress else [])
 
 

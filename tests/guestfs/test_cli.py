@@ -67,6 +67,8 @@ def test_top_level_help_describes_lab_and_demo_for_users() -> None:
     (["--attr-timeout", "3601"], "--attr-timeout: must be a finite number of seconds >= 0 and <= 3600, got '3601'"),
     (["-o", "entry_timeout=abc"], "-o entry_timeout must be a number of seconds"),
     (["-o", "fsname="], "-o fsname= needs a value"),
+    (["--page-cache", "16M"], "with --first-chance kernel the kernel's page cache is the first chance"),
+    (["--first-chance", "user"], "invalid choice"),
 ])
 def test_bad_mount_options_exit_2_with_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
     (tmp_path / "src").mkdir()

@@ -152,9 +152,10 @@ def test_to_args_roundtrips_through_the_cli_parser(tmp_path: Path) -> None:
     source, mnt = make_dirs(tmp_path)
     embedded = MountConfig.create(str(source), str(mnt), page_cache_pages=3, tmem_pages=70, abi="v0", fold="ino",
                                   compress=True, read_only=True, host_spec="both", client_id=7, binding="fusepy",
-                                  attr_timeout=0.25, threads="multi", fuse_options=("noatime", "fsname=z"))
-    remote = MountConfig.create(str(source), str(mnt), page_cache_pages=3, abi="v1", server="tcp:127.0.0.1:9",
-                                read_only=True, attr_timeout=0.0)
+                                  attr_timeout=0.25, threads="multi", fuse_options=("noatime", "fsname=z"),
+                                  first_chance="daemon")
+    remote = MountConfig.create(str(source), str(mnt), abi="v1", server="tcp:127.0.0.1:9",
+                                read_only=True, attr_timeout=0.0, backing_direct=True)
     for config in (embedded, remote):
         args = build_parser().parse_args(["mount", str(source), str(mnt), *config.to_args()])
         assert mount_config(args) == config
@@ -171,7 +172,16 @@ def test_embedded_host_options_with_server_are_refused(tmp_path: Path) -> None:
 def test_stack_config_carries_the_cache_settings(tmp_path: Path) -> None:
     source, mnt = make_dirs(tmp_path)
     stack_config = MountConfig.create(str(source), str(mnt), page_cache_pages=5, tmem_pages=9, abi="v1",
-                                      client_id=3).stack_config()
+                                      client_id=3, first_chance="daemon").stack_config()
     assert (stack_config.page_cache_pages, stack_config.tmem_pages, stack_config.abi) == (5, 9, "v1")
-    assert stack_config.client_id == 3
-    assert MountConfig.create(str(source), str(mnt)).stack_config().client_id is None
+    assert stack_config.client_id == 3 and stack_config.first_chance == "daemon"
+    default = MountConfig.create(str(source), str(mnt), backing_direct=True).stack_config()
+    assert default.client_id is None and default.first_chance == "kernel" and default.backing_direct
+
+
+def test_page_cache_is_refused_with_the_kernel_first_chance(tmp_path: Path) -> None:
+    source, mnt = make_dirs(tmp_path)
+    with pytest.raises(ValueError, match="--first-chance daemon"):
+        MountConfig.create(str(source), str(mnt), page_cache_pages=5)
+    with pytest.raises(ValueError, match="--first-chance must be one of kernel, daemon"):
+        MountConfig.create(str(source), str(mnt), first_chance="both")

@@ -36,6 +36,9 @@ class RecordingPageIO:
 
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     fail_reads: bool = False
+    first_chance: str = "daemon"
+    backing_direct: bool = False
+    keep_kernel_cache: bool = False
 
     def read(self, key: FileKey, fd: int, offset: int, size: int) -> bytes:
         if self.fail_reads:
@@ -58,6 +61,10 @@ class RecordingPageIO:
 
     def revalidate(self, key: FileKey, st: os.stat_result) -> None:
         self.calls.append(("revalidate", key, st.st_size))
+
+    def kernel_open(self, key: FileKey, st: os.stat_result, *, writable: bool) -> tuple[bool, bool]:
+        self.calls.append(("kernel_open", key, st.st_size, writable))
+        return False, self.keep_kernel_cache
 
     def named(self, name: str) -> list[tuple[Any, ...]]:
         return [call for call in self.calls if call[0] == name]

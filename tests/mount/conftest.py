@@ -47,6 +47,7 @@ class Mounted:
 
 
 MountFactory = Callable[..., Mounted]
+FIRST_CHANCES = ("daemon", "kernel")
 
 
 @pytest.fixture
@@ -58,10 +59,14 @@ def require_fuse() -> None:
 
 @pytest.fixture
 def mount_factory(tmp_path: Path, require_fuse: None) -> Iterator[MountFactory]:
-    """``mount_factory(*args, binding="mfusepy", source=None)`` → a live Mounted; unmounted at teardown."""
+    """``mount_factory(*args, binding="mfusepy", first_chance="daemon", source=None)`` → a live Mounted;
+    unmounted at teardown. Tests mount ``--first-chance daemon`` unless they say otherwise: its every read
+    reaches the daemon, so they can count hits exactly; the tests of ``kernel`` (the CLI's default) pass
+    ``first_chance="kernel"`` (``FIRST_CHANCES`` parametrizes both)."""
     handles: list[MountHandle] = []
 
-    def factory(*args: str, binding: str = "mfusepy", source: Path | None = None) -> Mounted:
+    def factory(*args: str, binding: str = "mfusepy", first_chance: str = "daemon",
+                source: Path | None = None) -> Mounted:
         reason = binding_unavailable_reason(binding)
         if reason:
             pytest.skip(reason)
@@ -71,7 +76,7 @@ def mount_factory(tmp_path: Path, require_fuse: None) -> Iterator[MountFactory]:
             source.mkdir()
         mnt = tmp_path / f"mnt{index}"
         mnt.mkdir()
-        handle = start_mount(str(source), str(mnt), ["--fuse", binding, *args], timeout=15.0,
+        handle = start_mount(str(source), str(mnt), ["--fuse", binding, "--first-chance", first_chance, *args], timeout=15.0,
                              log_path=str(tmp_path / f"daemon{index}.log"))
         handles.append(handle)
         return Mounted(source, mnt, handle)

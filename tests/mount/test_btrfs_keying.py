@@ -126,7 +126,7 @@ def test_through_a_real_fuse_mount(image: BtrfsImage, tmp_path: Path, abi: str, 
         pytest.skip("guestfs.mount.start_mount or tmemcore.Tmem has not landed yet")
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    args = ["--page-cache", "8K", "--abi", abi, "--v0-fold", fold]
+    args = ["--first-chance", "daemon", "--page-cache", "8K", "--abi", abi, "--v0-fold", fold]
     handle = mount.start_mount(str(image.mountpoint), str(mountpoint), args, timeout=20.0)
     try:
         wrong = 0
