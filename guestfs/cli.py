@@ -274,6 +274,15 @@ SUMMARY: list[tuple[str, list[tuple[str, str]]]] = [
                        ("bytes written", "bytes_written"),
                        ("racy_pages_not_cached", "racy_pages_not_cached")]),
 ]
+# --first-chance kernel: no first-chance cache of ours; tmem is inclusive (gets leave the page there).
+KERNEL_SUMMARY = [
+    ("reads that reached the daemon (kernel page-cache misses)", [("read requests", "reads"),
+                                                                 ("pages asked of tmem", "page_cache_misses")]),
+    ("tmem, inclusive behind the kernel (Linux names)", [("hits (succ_gets)", "succ_gets"),
+                                                         ("misses (failed_gets)", "failed_gets"),
+                                                         ("pages put", "puts"), ("invalidates", "invalidates")]),
+    *SUMMARY[2:],
+]
 POOL_COUNTERS = ("pgp_count", "good_puts", "puts", "found_gets", "gets", "flushs_found", "flushs",
                  "flush_objs", "dup_puts_replaced", "dup_puts_flushed", "no_mem_puts")
 
@@ -288,7 +297,14 @@ def format_stats(stats: dict[str, Any], everything: bool = False) -> str:
     lines = [f"keying/ABI: {mode}{requested}{client}{host}"]
     if stats.get("disabled_reason"):
         lines.append(f"tmem off: {stats['disabled_reason']}")
-    for heading, rows in SUMMARY + _pool_rows(stats):
+    summary = SUMMARY
+    if stats.get("first_chance") == "kernel":
+        lines += ["first chance: the kernel's page cache; kernel page-cache hits are not counted (they never reach "
+                  "the daemon): the counters below are the reads the kernel missed"]
+        summary = KERNEL_SUMMARY
+    if stats.get("backing_direct"):
+        lines.append("backing store: misses read with O_DIRECT (--backing-direct)")
+    for heading, rows in summary + _pool_rows(stats):
         present = [(label, stats.get(name, "-") if isinstance(name, str) else name) for label, name in rows
                    if not isinstance(name, str) or name in stats]
         if present:
