@@ -141,7 +141,8 @@ def run_live_sweep(tree: Path, page_cache_pages: int, tmem_sizes: list[int], rea
 
     plan = plan_reads(tree, reads, seed=seed)
     _section(f"live mounts: {reads} seeded zipf 4 KiB reads ({plan.distinct_pages} distinct pages), "
-             f"first-chance cache {page_cache_pages} pages, embedded tmem host")
+             f"guestfs's first-chance cache {page_cache_pages} pages (--first-chance daemon: every read counted), "
+             "embedded tmem host")
     rows = []
     for tmem_pages in tmem_sizes:
         run = live_run(tree, plan, page_cache_pages=page_cache_pages, tmem_pages=tmem_pages, seed=seed)
@@ -196,7 +197,7 @@ def run_keying(tree: Path, btrfs_tree: Path | None, seed: int) -> dict[str, Any]
     if btrfs_tree is None:
         return result
     _section("the same reads through live mounts of the btrfs subvolumes, per ABI "
-             "(tiny first-chance cache, so reads go through tmem)")
+             "(--first-chance daemon with a tiny cache, so reads go through tmem)")
     result["live"] = live_keying(btrfs_tree, reads=2000, seed=seed)
     print(_table(result["live"], KEYING_LIVE_COLUMNS))
     print("v0+ino folds both subvolumes' files onto the same 64-bit oids; the collision guard bypasses tmem for\n"
