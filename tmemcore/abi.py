@@ -103,6 +103,15 @@ TMEMC_SAVE_END = 21
 TMEMC_RESTORE_BEGIN = 30
 TMEMC_RESTORE_PUT_PAGE = 32
 TMEMC_RESTORE_FLUSH_PAGE = 33
+# tmemd extensions (not Xen; numbers Xen never used): a whole save stream uploaded to the host
+# and restored there as ONE transaction under the host lock (control.RestoreUploads). Over a
+# socket, the RESTORE_BEGIN .. RESTORE_FLUSH_PAGE sequence is many round trips that other guests
+# can interleave with, and a failure would need destroy_client, which no hypercall offers.
+TMEMC_RESTORE_STREAM_BEGIN = 64  # cli_id = target; -> upload token (>= 1), -EEXIST if the client exists
+TMEMC_RESTORE_STREAM_DATA = 65  # cli_id, arg2 = token, oid = offset, arg1 = length, buf = bytes -> 1
+TMEMC_RESTORE_STREAM_COMMIT = 66  # cli_id, arg2 = token, arg1 = flags, oid = total length, buf = message
+TMEMC_RESTORE_STREAM_ABORT = 67  # cli_id, arg2 = token -> 1 dropped, 0 no such upload
+RESTORE_STREAM_CONVERT = 0x1  # COMMIT flag: convert a stream of a version the host does not take
 
 TMEM_CLIENT_COMPRESS = 0x1
 TMEM_CLIENT_FROZEN = 0x2

@@ -8,7 +8,10 @@ the other methods are the operations themselves, also used by Tmem's Pythonic AP
 
 from __future__ import annotations
 
+import errno
+import io
 import struct
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import abi
@@ -28,6 +31,10 @@ from .abi import (
     TMEMC_RESTORE_BEGIN,
     TMEMC_RESTORE_FLUSH_PAGE,
     TMEMC_RESTORE_PUT_PAGE,
+    TMEMC_RESTORE_STREAM_ABORT,
+    TMEMC_RESTORE_STREAM_BEGIN,
+    TMEMC_RESTORE_STREAM_COMMIT,
+    TMEMC_RESTORE_STREAM_DATA,
     TMEMC_SAVE_BEGIN,
     TMEMC_SAVE_END,
     TMEMC_SAVE_GET_CLIENT_CAP,
@@ -45,7 +52,7 @@ from .abi import (
     TMEMC_SET_WEIGHT,
     TMEMC_THAW,
 )
-from .errors import EFROZEN, BadAddress, InvalidArgument, NoMemory, NotPermitted
+from .errors import EFROZEN, BadAddress, InvalidArgument, NoMemory, NotPermitted, StreamError
 from .oid import OID_MAX, V0_OID_MAX, WORD_MASK
 
 if TYPE_CHECKING:
@@ -64,6 +71,7 @@ class Control:
 
     def __init__(self, host: "Tmem") -> None:
         self.host = host
+        self.uploads = RestoreUploads(upload_limit(host.memory_pages))
 
     # --- record decoding ----------------------------------------------------------------------
 
@@ -132,6 +140,14 @@ class Control:
             client, pool = self._pool(cli_id, pool_id)
             pool.flush_page(oid, arg2)
             return -EFROZEN if client.frozen else 1
+        if subop == TMEMC_RESTORE_STREAM_BEGIN:
+            return self.restore_stream_begin(cli_id)
+        if subop == TMEMC_RESTORE_STREAM_DATA:
+            return self.uploads.append(cli_id, arg2, oid, _readable(buf, arg1))
+        if subop == TMEMC_RESTORE_STREAM_COMMIT:
+            return self.restore_stream_commit(cli_id, arg2, arg1, oid, buf)
+        if subop == TMEMC_RESTORE_STREAM_ABORT:
+            return 1 if self.uploads.drop(cli_id, arg2) else 0
         raise NotPermitted(f"unknown control sub-op {subop}")  # Xen: -1
 
     def _pool(self, cli_id: int, pool_id: int) -> "tuple[Client, TmemPool]":
@@ -299,6 +315,123 @@ class Control:
             raise InvalidArgument("the all-ones oid is the save-stream terminator and cannot be stored")
         pool.put(client, oid, index, memoryview(buf).cast("B")[:length].tobytes())
         return 1
+
+    # --- restore of a whole stream (tmemd extension, see abi.TMEMC_RESTORE_STREAM_*) ----------
+
+    def restore_stream_begin(self, cli_id: int) -> int:
+        """A new upload for ``cli_id``: its token, or -EEXIST when the client exists already (the
+        commit would refuse it; saying so now spares sending the stream)."""
+        if not 0 <= cli_id < CLI_ID_NULL:
+            raise InvalidArgument(f"client id must be in 0..{CLI_ID_NULL - 1}, got {cli_id}")
+        if cli_id in self.host.clients:
+            return -errno.EEXIST
+        return self.uploads.begin(cli_id)
+
+    def restore_stream_commit(
+        self, cli_id: int, token: int, flags: int, length: int, buf: bytearray | memoryview | None
+    ) -> int:
+        """Restore the uploaded stream as one transaction (``Tmem.restore``: all or nothing); 1, or
+        -EINVAL with the one-line reason written NUL-terminated into ``buf`` (if one is given)."""
+        if flags & ~abi.RESTORE_STREAM_CONVERT:
+            raise InvalidArgument(f"unknown restore flags {flags:#x}")
+        data = self.uploads.take(cli_id, token)  # consumed whatever happens next
+        try:
+            if len(data) != length:
+                raise StreamError(f"the upload holds {len(data)} bytes but the commit says {length}: "
+                                  "a chunk was lost, nothing restored")
+            self.host.restore(cli_id, io.BytesIO(data), convert=bool(flags & abi.RESTORE_STREAM_CONVERT))
+        except StreamError as exc:
+            _write_message(buf, str(exc))
+            return -exc.errno
+        return 1
+
+
+def upload_limit(memory_pages: int) -> int:
+    """The most stream bytes this host stages: a restore cannot bring back more persistent pages than
+    the budget holds, so a larger stream could only fail after costing that memory. Per page a
+    record is its data plus at most 28 bytes of handle; 1 MiB covers headers and the extra section."""
+    return memory_pages * (PAGE_SIZE + 64) + (1 << 20)
+
+
+@dataclass
+class Upload:
+    token: int
+    data: bytearray = field(default_factory=bytearray)
+
+
+class RestoreUploads:
+    """Streams being uploaded for a restore, one per target client, within ``limit`` bytes in all.
+
+    The control plane does not see connections, so an upload whose tool died is only dropped when
+    a new upload for that client begins, or when room is needed (oldest first, never the upload
+    being appended to). A token names each upload so a stale tool cannot add to a newer one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[int, Upload] = {}  # insertion order = age
+        self._last_token = 0
+
+    def begin(self, cli_id: int) -> int:
+        self._open.pop(cli_id, None)
+        self._last_token = self._last_token % 0x7FFFFFFF + 1  # a positive s32: it is a return code
+        self._open[cli_id] = Upload(self._last_token)
+        return self._last_token
+
+    def append(self, cli_id: int, token: int, offset: int, chunk: bytes) -> int:
+        upload = self._get(cli_id, token)
+        if offset != len(upload.data):
+            raise InvalidArgument(f"chunk at offset {offset}, but the upload holds {len(upload.data)} bytes")
+        others = sum(len(u.data) for c, u in self._open.items() if c != cli_id)
+        if len(upload.data) + len(chunk) > self.limit:
+            raise NoMemory(f"a stream of more than {self.limit} bytes cannot restore on this host")
+        for stale in [c for c in self._open if c != cli_id]:  # oldest first
+            if others + len(upload.data) + len(chunk) <= self.limit:
+                break
+            others -= len(self._open.pop(stale).data)
+        upload.data += chunk
+        return 1
+
+    def take(self, cli_id: int, token: int) -> bytes:
+        data = bytes(self._get(cli_id, token).data)
+        del self._open[cli_id]
+        return data
+
+    def drop(self, cli_id: int, token: int) -> bool:
+        upload = self._open.get(cli_id)
+        if upload is None or upload.token != token:
+            return False
+        del self._open[cli_id]
+        return True
+
+    def staged_bytes(self) -> int:
+        return sum(len(u.data) for u in self._open.values())
+
+    def _get(self, cli_id: int, token: int) -> Upload:
+        upload = self._open.get(cli_id)
+        if upload is None or upload.token != token:
+            raise NotPermitted(f"no restore upload {token} for client {cli_id}")  # Xen's -1
+        return upload
+
+    def check(self) -> None:
+        assert self.staged_bytes() <= self.limit, "restore uploads exceed their limit"
+        assert all(1 <= u.token <= 0x7FFFFFFF for u in self._open.values())
+
+
+def _readable(buf: bytearray | memoryview | None, length: int) -> bytes:
+    """The first ``length`` bytes of a control buffer (-EFAULT if it has fewer)."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)) or memoryview(buf).nbytes < length:
+        raise BadAddress(f"control buffer missing or shorter than arg1={length}")
+    return memoryview(buf).cast("B")[:length].tobytes()
+
+
+def _write_message(buf: bytearray | memoryview | None, message: str) -> None:
+    """``message`` NUL-terminated into a writable control buffer, cut to fit; nothing without one."""
+    if buf is None or (isinstance(buf, memoryview) and buf.readonly) or not isinstance(buf, (bytearray, memoryview)):
+        return
+    size = memoryview(buf).nbytes
+    if size:
+        raw = message.encode("utf-8", "replace")[: size - 1] + b"\0"
+        memoryview(buf).cast("B")[: len(raw)] = raw
 
 
 def _version(client: "Client") -> int:

@@ -377,6 +377,7 @@ class Tmem:
             assert self.used_bytes <= self.budget_bytes, "budget exceeded"
             assert self.npages <= self.max_descriptors, "descriptor cap exceeded"
             self.eviction.check(list(self.clients.values()), live_eph)
+            self.control.uploads.check()
             if self.remote_pages is not None:
                 remote = sum(type(n[DATA]) is RemotePage for p in pools.values() for n in p.live_nodes())
                 self.remote_pages.check(remote)
