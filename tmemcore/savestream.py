@@ -616,7 +616,7 @@ def _for_host(tmem: ControlHost, client_id: int, image: ClientImage, convert_all
         wanted = " or ".join(f"v{v}" for v in accepted)
         raise StreamError(
             f"stream is v{image.version} but this host accepts only {wanted} for client {client_id}; "
-            "use convert=True (tmemctl stream convert) to convert it"
+            "convert it on restore (tmemctl restore --convert; convert=True) or first (tmemctl stream convert)"
         )
     return convert(image, accepted[0])
 
