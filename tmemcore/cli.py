@@ -1,10 +1,24 @@
-"""tmemctl: inspect and convert save streams; list/freeze/thaw clients of a running tmemd.
+"""tmemctl: work on save streams and run every control op of a running tmemd (as xl/xm tmem-* did).
 
-    tmemctl stream inspect FILE [--json]
+    tmemctl stream inspect FILE [--json] [--verify KEYFILE]
     tmemctl stream convert --to v0|v1 IN OUT
-    tmemctl --server ADDR list [--long]
-    tmemctl --server ADDR freeze|thaw CLIENT
-    tmemctl --server ADDR save CLIENT FILE [--live]
+    tmemctl stream seal --key KEYFILE IN OUT        # wrap a libxc stream in an HMAC-SHA256 envelope
+    tmemctl stream unseal --key KEYFILE IN OUT      # verify, then write the libxc stream inside
+    tmemctl stream verify --key KEYFILE FILE        # verify the seal and the stream inside
+    tmemctl keygen FILE                             # a new seal key, mode 0600
+    tmemctl --server ADDR list [--long] [--json]
+    tmemctl --server ADDR freeze|thaw CLIENT|all
+    tmemctl --server ADDR set-weight|set-cap CLIENT|all N
+    tmemctl --server ADDR set-compress CLIENT|all on|off
+    tmemctl --server ADDR flush KIB                 # give back KIB KiB of ephemeral pages (all clients)
+    tmemctl --server ADDR auth CLIENT UUID [--revoke] | auth all [--revoke]
+    tmemctl --server ADDR save CLIENT FILE [--live] [--seal KEYFILE]
+    tmemctl --server ADDR restore CLIENT FILE [--convert] [--verify KEYFILE]
+
+A migration is ``save --live`` on one tmemd and ``restore`` on another. ``restore`` checks
+everything it can before it changes anything: the seal (with --verify), then the whole stream;
+the server then restores it as one transaction (TMEMC_RESTORE_STREAM_*, docs/stream-format.md),
+so a refused or failed restore leaves the server as it was.
 
 Exit status: 0 ok, 1 bad data or a failed operation, 2 bad usage, 130 interrupted (Ctrl-C), 141
 when the reader of its output went away (``| head``). Errors are one line on stderr, never a
@@ -19,18 +33,24 @@ import json
 import os
 import signal
 import sys
+import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-from . import abi, savestream
-from .errors import StreamError
+from . import abi, savestream, seal
+from .errors import EFROZEN, StreamError
 from .sizes import parse_seconds
 
 EXIT_OK = 0
 EXIT_DATA = 1
 EXIT_USAGE = 2
 LIST_BUFFER = 1 << 20
+RESTORE_CHUNK = 256 << 10  # per request, well under the wire's 1 MiB buffer limit
+MESSAGE_BUFFER = 1024  # the restore commit's one-line reason comes back in here
+ALL = abi.CLI_ID_NULL  # "all clients" in control ops, spelled ``all`` on the command line
+U32_MAX = 0xFFFFFFFF
 
 
 class UsageError(ValueError):
@@ -62,44 +82,128 @@ def client_id(text: str) -> int:
     return int(text)
 
 
+def client_or_all(text: str) -> int:
+    """A client id, or ``all`` (CLI_ID_NULL: the op applies to every client, as xl's -a)."""
+    if text == "all":
+        return ALL
+    try:
+        return client_id(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a client id in 0..{abi.CLI_ID_NULL - 1} or 'all', got {text!r}") from None
+
+
+def u32(text: str) -> int:
+    """A non-negative 32-bit integer (weights, caps, KiB counts: the control record's arg1)."""
+    if not text.isdigit() or int(text) > U32_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{U32_MAX}, got {text!r}")
+    return int(text)
+
+
+def shared_uuid(text: str) -> tuple[int, int]:
+    """A UUID as Xen's (uuid[0] "lo", uuid[1] "hi"): libxc puts the first 16 hex digits in hi."""
+    try:
+        value = uuidlib.UUID(text).int
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a UUID such as 01234567-89ab-cdef-0123-456789abcdef, got {text!r}") from None
+    if value == (1 << 128) - 1:
+        raise argparse.ArgumentTypeError("the all-ones UUID marks an empty authorization slot and names no pool")
+    return value & ((1 << 64) - 1), value >> 64
+
+
+def uuid_text(pair: tuple[int, int]) -> str:
+    return str(uuidlib.UUID(int=pair[1] << 64 | pair[0]))
+
+
 # ====================================================================== parser
+
+
+CLIENT_HELP = "client (domain) id 0..65534, or 'all'"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog="tmemctl",
-        description="Inspect/convert tmem save streams and control a running tmemd.",
+        description="Inspect, convert and seal tmem save streams; run the control ops of a running tmemd. "
+        "A migration: 'save CLIENT F --live --seal KEY' on one server, 'restore CLIENT F --verify KEY' on "
+        "another. A sealed stream is the unchanged libxc stream in an HMAC-SHA256 envelope; restore --verify "
+        "refuses any changed or truncated byte before touching the server (docs/stream-format.md).",
     )
     parser.add_argument("--server", metavar="ADDR",
-                        help="tmemd address: unix:PATH or tcp:HOST:PORT (default: none; list, freeze, thaw "
-                             "and save need it)")
+                        help="tmemd address: unix:PATH or tcp:HOST:PORT (default: none; every command but "
+                             "stream and keygen needs it)")
     parser.add_argument("--timeout", type=positive_seconds, default=2.0,
                         help="seconds per server request (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=UsageParser)
+    _add_stream_commands(commands)
+    keygen = commands.add_parser("keygen", help="write a new random seal key (256 bits) to FILE, mode 0600")
+    keygen.add_argument("file", type=Path, metavar="FILE", help="key file to create (never overwritten)")
+    _add_server_commands(commands)
+    return parser
 
+
+def _add_stream_commands(commands: Any) -> None:
     stream = commands.add_parser("stream", help="work on save-stream files (no server needed)")
-    stream_commands = stream.add_subparsers(dest="stream_command", required=True, metavar="ACTION",
-                                            parser_class=UsageParser)
-    inspect = stream_commands.add_parser("inspect", help="show what a stream holds")
-    inspect.add_argument("file", type=Path, help="stream file (starts with the -5 marker)")
+    actions = stream.add_subparsers(dest="stream_command", required=True, metavar="ACTION", parser_class=UsageParser)
+    inspect = actions.add_parser("inspect", help="show what a stream (sealed or not) holds")
+    inspect.add_argument("file", type=Path, help="stream file (libxc's -5 marker or a TMEMSEAL envelope)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
-    conv = stream_commands.add_parser("convert", help="rewrite a stream as v0 or v1")
-    conv.add_argument("--to", required=True, choices=("v0", "v1"), help="target spec version")
+    inspect.add_argument("--verify", type=Path, metavar="KEYFILE",
+                         help="check a sealed stream's seal with this key first (default: none; the seal is "
+                              "then reported as not verified)")
+    conv = actions.add_parser("convert", help="rewrite a stream as v0 or v1")
+    conv.add_argument("--to", required=True, choices=("v0", "v1"), help="target spec version (required)")
     conv.add_argument("input", type=Path, metavar="IN")
     conv.add_argument("output", type=Path, metavar="OUT")
+    for name, text in (("seal", "wrap a libxc stream in an HMAC-SHA256 envelope"),
+                       ("unseal", "verify a sealed stream and write the libxc stream inside")):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("--key", type=Path, required=True, metavar="KEYFILE", help="seal key (required)")
+        sub.add_argument("input", type=Path, metavar="IN")
+        sub.add_argument("output", type=Path, metavar="OUT")
+    verify = actions.add_parser("verify", help="check a sealed stream: its seal, then the stream inside")
+    verify.add_argument("--key", type=Path, required=True, metavar="KEYFILE", help="seal key (required)")
+    verify.add_argument("file", type=Path, metavar="FILE")
 
-    listing = commands.add_parser("list", help="TMEMC_LIST of all clients (needs --server)")
+
+def _add_server_commands(commands: Any) -> None:
+    listing = commands.add_parser("list", help="TMEMC_LIST of all clients")
     listing.add_argument("--long", action="store_true",
                          help="long format: also the second key group of each line (default: short)")
+    listing.add_argument("--json", action="store_true",
+                         help="JSON keyed by Xen's counter names, as Tmem.stats(); always the long form "
+                              "(default: LIST text)")
     for name, text in (("freeze", "freeze a client (new puts fail)"), ("thaw", "thaw a frozen client")):
-        sub = commands.add_parser(name, help=f"{text} (needs --server)")
-        sub.add_argument("client", type=client_id, help="client (domain) id, 0..65534")
-    save = commands.add_parser("save", help="save a client's tmem to a stream file (needs --server)")
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("client", type=client_or_all, help=CLIENT_HELP)
+    for name, text in (("set-weight", "eviction weight (0 = none)"), ("set-cap", "cap (stored and listed only)")):
+        sub = commands.add_parser(name, help=f"set a client's {text}")
+        sub.add_argument("client", type=client_or_all, help=CLIENT_HELP)
+        sub.add_argument("value", type=u32, metavar="N", help=f"0..{U32_MAX}")
+    compress = commands.add_parser("set-compress", help="turn a client's page compression on or off")
+    compress.add_argument("client", type=client_or_all, help=CLIENT_HELP)
+    compress.add_argument("state", choices=("on", "off"))
+    flush = commands.add_parser("flush", help="TMEMC_FLUSH: give back ephemeral memory (all clients)")
+    flush.add_argument("kib", type=u32, metavar="KIB", help="KiB to free, rounded up to whole 4 KiB pages")
+    auth = commands.add_parser("auth", help="TMEM_AUTH: let a client join the shared pool UUID (or revoke it)")
+    auth.add_argument("client", type=client_or_all,
+                      help="client id; 'all' (no UUID) sets the global switch: every client may join every pool")
+    auth.add_argument("uuid", type=shared_uuid, nargs="?", metavar="UUID", help="the shared pool's UUID")
+    auth.add_argument("--revoke", action="store_true", help="de-authorize instead (default: authorize)")
+    save = commands.add_parser("save", help="save a client's tmem to a stream file")
     save.add_argument("client", type=client_id, help="client (domain) id, 0..65534")
-    save.add_argument("file", type=Path, help="output stream file")
+    save.add_argument("file", type=Path, help="output stream file (written atomically)")
     save.add_argument("--live", action="store_true",
                       help="live save: also write the extra section (default: off, a non-live save)")
-    return parser
+    save.add_argument("--seal", type=Path, metavar="KEYFILE",
+                      help="seal the stream with this key (default: none, a plain libxc stream)")
+    restore = commands.add_parser("restore", help="recreate a client from a stream file, all or nothing")
+    restore.add_argument("client", type=client_id, help="client (domain) id, 0..65534; must not exist yet")
+    restore.add_argument("file", type=Path, help="stream file (or a pipe)")
+    restore.add_argument("--convert", action="store_true",
+                         help="convert a stream of a spec version the server does not take (default: refuse it)")
+    restore.add_argument("--verify", type=Path, metavar="KEYFILE",
+                         help="require a sealed stream and check its seal with this key (default: none; a "
+                              "sealed stream is then refused)")
 
 
 # ====================================================================== stream commands
@@ -158,46 +262,105 @@ def render(info: dict[str, Any]) -> str:
     else:
         lines.append(f"extra section: {len(extra)} record(s)")
         lines.extend(f"  pool {r['pool_id']} oid ({', '.join(r['oid'])}) index {r['index']}" for r in extra)
+    if info.get("seal"):
+        found = info["seal"]
+        state = "verified" if found["verified"] else "NOT verified (give --verify KEYFILE)"
+        lines.append(f"sealed: {found['algorithm']} (format {found['format_version']}), key id {found['key_id']}, {state}")
     return "\n".join(lines)
 
 
-class _CountedReads:
-    """A file's reads, with how many bytes they returned (a pipe cannot ``tell()``)."""
+def read_input(path: Path) -> bytes:
+    """All of ``path`` (a file, or a pipe such as /dev/stdin)."""
+    with open(path, "rb") as source:
+        return source.read()
 
-    def __init__(self, fileobj: Any) -> None:
-        self._file = fileobj
-        self.consumed = 0
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._file.read(size) or b""
-        self.consumed += len(data)
+def verified_stream(path: Path, data: bytes, keyfile: Path | None, *, required: bool) -> bytes:
+    """The libxc stream in ``data``: unsealed with ``keyfile``'s key, or as is when it is not sealed.
+
+    ``required`` (restore): a sealed stream needs a key and a key needs a sealed stream, so neither
+    an unverified seal nor a stripped one gets through."""
+    if keyfile is None:
+        if required and seal.is_sealed(data):
+            raise StreamError(f"{path} is sealed: give --verify KEYFILE to check and use it")
         return data
-
-
-def read_stream_file(path: Path) -> tuple[savestream.ClientImage, int]:
-    """The stream in ``path`` (a file, or a pipe such as /dev/stdin) and its size in bytes."""
-    with open(path, "rb") as stream:
-        counted = _CountedReads(stream)
-        image = savestream.read_stream(counted)  # type: ignore[arg-type]
-        return image, counted.consumed
+    key = seal.load_key(keyfile)
+    if not seal.is_sealed(data):
+        raise StreamError(f"{path} is not sealed (no TMEMSEAL header), so --verify cannot vouch for it")
+    return seal.unseal(data, key)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    image, size = read_stream_file(args.file)
-    info = describe(image, size)
+    data = read_input(args.file)
+    sealed = seal.is_sealed(data)
+    stream = verified_stream(args.file, data, args.verify, required=False)
+    if sealed and args.verify is None:
+        stream = seal.body_unverified(data)
+    info = describe(savestream.decode_stream(stream), len(stream))
+    info["seal"] = _seal_info(data, args.verify is not None) if sealed else None
     print(json.dumps(info, indent=2) if args.json else render(info))
     return EXIT_OK
 
 
+def _seal_info(data: bytes, verified: bool) -> dict[str, Any]:
+    header = seal.read_header(data)
+    return {"format_version": header.version, "algorithm": header.algorithm_name,
+            "key_id": header.key_id.hex(), "verified": verified}
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    image, _ = read_stream_file(args.input)
+    data = read_input(args.input)
+    if seal.is_sealed(data):
+        raise StreamError(f"{args.input} is sealed: unseal it first (tmemctl stream unseal --key KEYFILE IN OUT)")
+    image = savestream.decode_stream(data)
     converted = savestream.convert(image, abi.SPEC_V0 if args.to == "v0" else abi.SPEC_V1)
     write_atomically(args.output, lambda out: savestream.write_stream(converted, out))
     print(f"{args.output}: v{image.version} -> v{converted.version}, {len(converted.pools)} pool(s)")
     return EXIT_OK
 
 
-def write_atomically(path: Path, write: Any) -> None:
+def cmd_seal(args: argparse.Namespace) -> int:
+    key = seal.load_key(args.key)
+    data = read_input(args.input)
+    if seal.is_sealed(data):
+        raise StreamError(f"{args.input} is sealed already")
+    image = savestream.decode_stream(data)  # only a well-formed stream gets a seal that vouches for it
+    sealed = seal.seal(data, key)
+    write_atomically(args.output, lambda out: out.write(sealed))
+    print(f"{args.output}: v{image.version} stream sealed, {len(sealed)} bytes, key id {seal.key_id(key).hex()}")
+    return EXIT_OK
+
+
+def cmd_unseal(args: argparse.Namespace) -> int:
+    stream = verified_stream(args.input, read_input(args.input), args.key, required=True)
+    image = savestream.decode_stream(stream)
+    write_atomically(args.output, lambda out: out.write(stream))
+    print(f"{args.output}: seal verified, v{image.version} libxc stream, {len(stream)} bytes")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    stream = verified_stream(args.file, read_input(args.file), args.key, required=True)
+    image = savestream.decode_stream(stream)
+    pages = sum(len(pool.pages) for pool in image.pools)
+    print(f"{args.file}: seal ok, v{image.version} stream, {len(stream)} bytes, "
+          f"{len(image.pools)} pool(s), {pages} persistent page(s)")
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key = seal.generate_key_file(args.file)
+    print(f"{args.file}: new seal key, key id {seal.key_id(key).hex()}, mode 0600. Keep it secret: whoever "
+          "holds it can seal streams that restore --verify accepts.")
+    return EXIT_OK
+
+
+STREAM_COMMANDS = MappingProxyType(
+    {"inspect": cmd_inspect, "convert": cmd_convert, "seal": cmd_seal, "unseal": cmd_unseal, "verify": cmd_verify}
+)
+
+
+def write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
     """Write through ``write(fileobj)`` into a temporary beside ``path``, then rename."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -236,8 +399,8 @@ class _Dom0:
         raise StreamError("the server takes neither v1 nor v0 control records")
 
     def control(self, subop: int, cli_id: int = abi.CLI_ID_NULL, arg1: int = 0, arg2: int = 0,
-                buf: bytearray | None = None) -> int:
-        record = abi.control_record(subop, cli_id, arg1=arg1, arg2=arg2, version=self.spec_version)
+                buf: bytearray | None = None, oid: int = 0) -> int:
+        record = abi.control_record(subop, cli_id, arg1=arg1, arg2=arg2, oid=oid, version=self.spec_version)
         return self.remote.do_tmem_op(record, buf)
 
     def do_tmem_op(self, client_id: int, op: bytes, page: bytearray | None = None) -> int:
@@ -251,13 +414,35 @@ class _Dom0:
         self.remote.close()
 
 
+def rc_text(rc: int) -> str:
+    """A control op's failure code with its name (Xen answers -1 for "no such client")."""
+    if rc == -1:
+        return "-1 (no such client, or not permitted)"
+    name = "EFROZEN" if rc == -EFROZEN else errno.errorcode.get(-rc, "?")
+    return f"{rc} ({name})"
+
+
+def who(client: int) -> str:
+    return "all clients" if client == ALL else f"client {client}"
+
+
 def cmd_list(args: argparse.Namespace, dom0: _Dom0) -> int:
+    from .stats import parse_list_text
+
     buf = bytearray(LIST_BUFFER)
-    rc = dom0.control(abi.TMEMC_LIST, arg1=len(buf), arg2=1 if args.long else 0, buf=buf)
+    rc = dom0.control(abi.TMEMC_LIST, arg1=len(buf), arg2=1 if args.long or args.json else 0, buf=buf)
     if rc < 0:
-        return fail(f"LIST failed with {rc}", EXIT_DATA)
+        return fail(f"LIST failed: {rc_text(rc)}", EXIT_DATA)
     text = bytes(buf).split(b"\0", 1)[0].decode("ascii", "replace")
-    print(text.rstrip("\n"))
+    if len(text) + 1 >= LIST_BUFFER - 4096:  # LIST drops the lines that do not fit, silently
+        print(f"tmemctl: LIST filled its {LIST_BUFFER}-byte buffer: later clients may be missing", file=sys.stderr)
+    if args.json:
+        try:
+            print(json.dumps(parse_list_text(text), indent=2))
+        except ValueError as exc:
+            raise StreamError(str(exc)) from None
+    else:
+        print(text.rstrip("\n"))
     return EXIT_OK
 
 
@@ -265,8 +450,49 @@ def cmd_freeze_thaw(args: argparse.Namespace, dom0: _Dom0) -> int:
     subop = abi.TMEMC_FREEZE if args.command == "freeze" else abi.TMEMC_THAW
     rc = dom0.control(subop, args.client)
     if rc < 0:
-        return fail(f"{args.command} client {args.client} failed with {rc}", EXIT_DATA)
-    print(f"client {args.client}: {args.command} ok")
+        return fail(f"{args.command} {who(args.client)} failed: {rc_text(rc)}", EXIT_DATA)
+    print(f"{who(args.client)}: {args.command} ok")
+    return EXIT_OK
+
+
+SETTERS = MappingProxyType({"set-weight": abi.TMEMC_SET_WEIGHT, "set-cap": abi.TMEMC_SET_CAP,
+                            "set-compress": abi.TMEMC_SET_COMPRESS})
+
+
+def cmd_set(args: argparse.Namespace, dom0: _Dom0) -> int:
+    value = (1 if args.state == "on" else 0) if args.command == "set-compress" else args.value
+    rc = dom0.control(SETTERS[args.command], args.client, arg1=value)
+    if rc < 0:
+        hint = " (a dedup host keeps compression off)" if args.command == "set-compress" else ""
+        return fail(f"{args.command} {who(args.client)} failed: {rc_text(rc)}{hint}", EXIT_DATA)
+    shown = args.state if args.command == "set-compress" else value
+    print(f"{who(args.client)}: {args.command.removeprefix('set-')} {shown}")
+    return EXIT_OK
+
+
+def cmd_flush(args: argparse.Namespace, dom0: _Dom0) -> int:
+    rc = dom0.control(abi.TMEMC_FLUSH, arg1=args.kib)
+    if rc < 0:
+        return fail(f"flush failed: {rc_text(rc)}", EXIT_DATA)
+    print(f"flushed {rc} KiB of ephemeral pages (asked for {args.kib} KiB)")
+    return EXIT_OK
+
+
+def cmd_auth(args: argparse.Namespace, dom0: _Dom0) -> int:
+    pair = args.uuid or (0, 0)
+    record = abi.TmemOp(abi.TMEM_AUTH, 0, uuid=pair, flags=0 if args.revoke else 1, arg1=args.client)
+    rc = dom0.remote.do_tmem_op(record.encode(dom0.spec_version))
+    verb = "revoke" if args.revoke else "authorize"
+    if rc < 0:
+        reason = {-errno.EINVAL: " (no such client: a client exists from its first pool)",
+                  -errno.ENOMEM: " (its 16 authorization slots are full)"}.get(rc, "")
+        return fail(f"{verb} {who(args.client)} failed: {rc_text(rc)}{reason}", EXIT_DATA)
+    if args.client == ALL:
+        print(f"global shared-pool authorization {'off' if args.revoke else 'on: every client may join every pool'}")
+    elif rc == 0:
+        print(f"client {args.client} was not authorized for {uuid_text(pair)}: nothing to revoke")
+    else:
+        print(f"client {args.client}: {'no longer ' if args.revoke else ''}authorized for shared pool {uuid_text(pair)}")
     return EXIT_OK
 
 
@@ -274,14 +500,74 @@ def cmd_save(args: argparse.Namespace, dom0: _Dom0) -> int:
     image = savestream.snapshot_client(dom0, args.client, live=args.live)
     if image is None:
         return fail(f"client {args.client} has no tmem pools: nothing saved", EXIT_DATA)
-    written: list[int] = []
-    write_atomically(args.file, lambda out: written.append(savestream.write_stream(image, out)))
-    print(f"{args.file}: client {args.client}, v{image.version}, {written[0]} bytes")
+    data = savestream.encode_stream(image)
+    note = ""
+    if args.key is not None:
+        data = seal.seal(data, args.key)
+        note = f", sealed (HMAC-SHA256, key id {seal.key_id(args.key).hex()})"
+    write_atomically(args.file, lambda out: out.write(data))
+    print(f"{args.file}: client {args.client}, v{image.version}, {len(data)} bytes{note}")
     return EXIT_OK
 
 
+def cmd_restore(args: argparse.Namespace, dom0: _Dom0) -> int:
+    image: savestream.ClientImage = args.image
+    upload_stream(dom0, args.client, args.stream, args.convert)
+    pages = sum(len(pool.pages) for pool in image.pools)
+    note = ", seal verified" if args.verify is not None else ""
+    print(f"client {args.client} restored from {args.file}: v{image.version} stream, {len(image.pools)} pool(s), "
+          f"{pages} persistent page(s){note}")
+    return EXIT_OK
+
+
+def upload_stream(dom0: _Dom0, client: int, stream: bytes, convert: bool) -> None:
+    """Send ``stream`` to the server in chunks and have it restore ``client`` from it in one
+    transaction (TMEMC_RESTORE_STREAM_*); StreamError with the server's reason if it refuses."""
+    token = dom0.control(abi.TMEMC_RESTORE_STREAM_BEGIN, client)
+    if token == -errno.EEXIST:
+        raise StreamError(f"client {client} already exists on the server: nothing restored")
+    if token < 0:
+        raise StreamError(f"the server cannot restore over the wire: RESTORE_STREAM_BEGIN answered {rc_text(token)}")
+    try:
+        for offset in range(0, len(stream), RESTORE_CHUNK):
+            chunk = bytearray(stream[offset : offset + RESTORE_CHUNK])
+            rc = dom0.control(abi.TMEMC_RESTORE_STREAM_DATA, client, arg1=len(chunk), arg2=token, oid=offset, buf=chunk)
+            if rc < 0:
+                raise StreamError(f"uploading the stream failed at byte {offset}: {rc_text(rc)}; nothing restored")
+        message = bytearray(MESSAGE_BUFFER)
+        flags = abi.RESTORE_STREAM_CONVERT if convert else 0
+        rc = dom0.control(abi.TMEMC_RESTORE_STREAM_COMMIT, client, arg1=flags, arg2=token, oid=len(stream), buf=message)
+    except BaseException:  # a refused chunk, a dead connection, Ctrl-C: do not leave the upload staged
+        _abort_quietly(dom0, client, token)
+        raise
+    if rc < 0:
+        reason = bytes(message).split(b"\0", 1)[0].decode("utf-8", "replace") or rc_text(rc)
+        raise StreamError(reason)
+
+
+def _abort_quietly(dom0: _Dom0, client: int, token: int) -> None:
+    try:
+        dom0.control(abi.TMEMC_RESTORE_STREAM_ABORT, client, arg2=token)
+    except OSError:
+        pass  # the server is gone or unreachable: its upload goes when it needs the room
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """What a server command can check without the server, done before connecting, so bad input
+    (a bad key file, a damaged or mis-sealed stream) never reaches it."""
+    if args.command == "auth" and (args.client == ALL) != (args.uuid is None):
+        raise UsageError("auth CLIENT needs a UUID; 'auth all' takes none (it sets the global switch)")
+    if args.command == "save":
+        args.key = seal.load_key(args.seal) if args.seal is not None else None
+    elif args.command == "restore":
+        args.stream = verified_stream(args.file, read_input(args.file), args.verify, required=True)
+        args.image = savestream.decode_stream(args.stream)
+
+
 SERVER_COMMANDS = MappingProxyType(
-    {"list": cmd_list, "freeze": cmd_freeze_thaw, "thaw": cmd_freeze_thaw, "save": cmd_save}
+    {"list": cmd_list, "freeze": cmd_freeze_thaw, "thaw": cmd_freeze_thaw, "set-weight": cmd_set,
+     "set-cap": cmd_set, "set-compress": cmd_set, "flush": cmd_flush, "auth": cmd_auth, "save": cmd_save,
+     "restore": cmd_restore}
 )
 
 
@@ -291,6 +577,7 @@ def run_server_command(args: argparse.Namespace) -> int:
     from .wire import parse_address, unreachable
 
     parse_address(args.server)  # ValueError → usage error
+    prepare(args)
     dom0 = _Dom0(args.server, args.timeout)
     try:
         try:
@@ -323,7 +610,9 @@ def reader_gone() -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "stream":
-        return cmd_inspect(args) if args.stream_command == "inspect" else cmd_convert(args)
+        return STREAM_COMMANDS[args.stream_command](args)
+    if args.command == "keygen":
+        return cmd_keygen(args)
     return run_server_command(args)
 
 

@@ -208,3 +208,66 @@ def list_text(tmem: "Tmem", cli_id: int = CLI_ID_NULL, long: bool = False) -> st
     for client in tmem.clients.values():
         lines.extend(_client_lines(client, long))
     return "".join(lines)
+
+
+# --- LIST text back to the stats() shape (tmemctl list --json over the wire) ---------------------
+
+_NAMES = {
+    "G": dict(GLOBAL_SHORT + GLOBAL_LONG),
+    "S": dict(POOL_LONG, SI="slot", PT="type"),
+    "C": dict(CLIENT_SHORT + CLIENT_LONG),
+    "P": dict(POOL_LONG, CI="cli_id", PI="pool_id", PT="type"),
+}
+_TEXT_KEYS = frozenset({"PT"})  # every other value is an integer (U0/U1 hex, the rest decimal)
+
+
+def parse_list_text(text: str) -> dict[str, Any]:
+    """TMEMC_LIST text as ``{"global", "shared", "clients"}`` keyed by the names ``Tmem.stats()`` uses
+    (the same key tables, so the two agree); a key this host does not know keeps its two letters.
+    ValueError names the first line that is not LIST output."""
+    result: dict[str, Any] = {"global": {}, "shared": [], "clients": []}
+    clients: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        kind, values = _parse_list_line(number, line)
+        if kind == "G":
+            result["global"] = values
+        elif kind == "S":
+            result["shared"].append(values)
+        elif kind == "C":
+            values["pools"] = []
+            clients[values["cli_id"]] = values
+            result["clients"].append(values)
+        elif values.get("cli_id") in clients:
+            clients[values.pop("cli_id")]["pools"].append(values)
+        else:
+            raise ValueError(f"LIST line {number}: a pool of client {values.get('cli_id')}, listed before it")
+    return result
+
+
+def _parse_list_line(number: int, line: str) -> tuple[str, dict[str, Any]]:
+    kind, eq, rest = line.partition("=")
+    if not eq or kind not in _NAMES:
+        raise ValueError(f"LIST line {number} is not G=/S=/C=/P= output: {line[:60]!r}")
+    names = _NAMES[kind]
+    values: dict[str, Any] = {}
+    uuid = [0, 0]
+    for item in rest.split(","):
+        key, colon, value = item.partition(":")
+        try:
+            if not colon:
+                raise ValueError
+            if key in ("U0", "U1"):
+                uuid[int(key[1])] = int(value, 16)
+            elif key == "SC":  # one per sharer of a shared pool
+                values.setdefault("sharers", []).append(int(value))
+            else:
+                values[names.get(key, key)] = value if key in _TEXT_KEYS else int(value)
+        except ValueError:
+            raise ValueError(f"LIST line {number}: bad item {item[:40]!r}") from None
+    if kind in ("S", "P"):
+        values["uuid"] = uuid
+    if kind == "S":
+        values.setdefault("sharers", [])
+    return kind, values
