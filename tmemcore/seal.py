@@ -159,15 +159,17 @@ def load_key(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
     except OSError as exc:
         raise SealError(f"{path}: cannot read the key: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as keyfile:
-        info = os.fstat(keyfile.fileno())  # of the file opened, not of whatever the path names now
+    try:
+        info = os.fstat(fd)  # of the file opened, not of whatever the path names by now
         if not stat.S_ISREG(info.st_mode):
             raise SealError(f"{path}: a seal key must be a regular file")
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o077:
             raise SealError(f"{path}: permissions {mode:04o} are too open: group and others must not access "
                             f"a seal key (chmod 600 {path})")
-        text = keyfile.read(_MAX_KEY_FILE + 1)
+        text = os.read(fd, _MAX_KEY_FILE + 1)
+    finally:
+        os.close(fd)
     return _parse_key(path, text)
 
 
