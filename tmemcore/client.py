@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 WORD_ALL_ONES = (1 << 64) - 1
 EMPTY_UUID = (WORD_ALL_ONES, WORD_ALL_ONES)  # an empty authorization slot / "no uuid"
+EMPTY_AUTH_TABLE = (EMPTY_UUID,) * MAX_SHARED_AUTH
 
 
 class Client:
@@ -50,7 +51,8 @@ class Client:
         self.was_frozen = False
         self.live_migrating = False
         self.shared_auth_required = host.shared_auth
-        self.auth_uuids: list[tuple[int, int]] = [EMPTY_UUID] * MAX_SHARED_AUTH
+        # grants TMEM_AUTH made before this client existed (strict hosts only) are its first ones
+        self.auth_uuids: list[tuple[int, int]] = list(host.pending_auth.get(cli_id, EMPTY_AUTH_TABLE))
         self.eph_pages: deque[list[Any]] = deque()  # FIFO of ephemeral descriptors (eviction.py)
         self.eph_count = 0
         self.eph_count_max = 0
@@ -131,6 +133,12 @@ class Client:
             raise NotPermitted(f"reserved flag bits set: {flags & TMEM_POOL_RESERVED_BITS:#x}")
         persistent = bool(flags & TMEM_POOL_PERSIST)
         shared = bool(flags & TMEM_POOL_SHARED) and self._may_share(uuid)
+        if flags & TMEM_POOL_SHARED and not shared and pool_id is None and uuid != EMPTY_UUID \
+                and host.shared_auth_strict:
+            # tmemd's rule: a guest that asked to share and was not authorized is told so, instead of
+            # Xen's silently private pool (which it could take for a shared one). RESTORE_NEW (pool_id
+            # given, from the control domain) keeps Xen's rule.
+            raise NotPermitted(f"client {self.cli_id} is not authorized for the shared pool {uuid_text(uuid)}")
         if shared and pool_id is None:
             # joining a shared pool this client already holds returns its slot (Xen would
             # list the client twice as a sharer and file the pool in a second slot)
@@ -187,16 +195,7 @@ class Client:
 
     def authorize(self, uuid: tuple[int, int], auth: bool) -> int:
         """Xen's tmemc_shared_pool_auth for one client: 1 done, 0 nothing to deauthorize."""
-        if uuid in self.auth_uuids:
-            if not auth:
-                self.auth_uuids[self.auth_uuids.index(uuid)] = EMPTY_UUID
-            return 1
-        if not auth:
-            return 0
-        if EMPTY_UUID not in self.auth_uuids:
-            raise NoMemory(f"client {self.cli_id} has no free authorization slot")
-        self.auth_uuids[self.auth_uuids.index(EMPTY_UUID)] = uuid
-        return 1
+        return grant(self.auth_uuids, self.cli_id, uuid, auth)
 
     # --- invariants -----------------------------------------------------------------------------
 
@@ -215,3 +214,24 @@ class Client:
         if self.version is not None:
             assert any(self.pools), f"{self!r}: version kept without pools"
         assert self.live_migrating or not self.invalidated, f"{self!r}: invalidated list outside a live save"
+
+
+def grant(table: list[tuple[int, int]], cli_id: int, uuid: tuple[int, int], auth: bool) -> int:
+    """(De)authorize ``uuid`` in a 16-slot authorization table: 1 done, 0 nothing to deauthorize,
+    NoMemory when all slots are taken."""
+    if uuid in table:
+        if not auth:
+            table[table.index(uuid)] = EMPTY_UUID
+        return 1
+    if not auth:
+        return 0
+    if EMPTY_UUID not in table:
+        raise NoMemory(f"client {cli_id} has no free authorization slot")
+    table[table.index(EMPTY_UUID)] = uuid
+    return 1
+
+
+def uuid_text(uuid: tuple[int, int]) -> str:
+    """A pool uuid as libxc writes it: "hi" word first, 8-4-4-4-12 hex digits."""
+    digits = f"{uuid[1]:016x}{uuid[0]:016x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"

@@ -52,6 +52,7 @@ from .abi import (
     TMEMC_SET_WEIGHT,
     TMEMC_THAW,
 )
+from .client import EMPTY_AUTH_TABLE, EMPTY_UUID, grant
 from .errors import EFROZEN, BadAddress, InvalidArgument, NoMemory, NotPermitted, StreamError
 from .oid import OID_MAX, V0_OID_MAX, WORD_MASK
 
@@ -207,9 +208,17 @@ class Control:
             self.host.global_shared_auth = auth
             return 1
         client = self.host.clients.get(cli_id)
-        if client is None:
-            raise InvalidArgument(f"no tmem client {cli_id}")
-        return client.authorize(uuid, auth)
+        if client is not None:
+            return client.authorize(uuid, auth)
+        if not self.host.shared_auth_strict or not 0 <= cli_id < CLI_ID_NULL:
+            raise InvalidArgument(f"no tmem client {cli_id}")  # Xen: the domain must exist
+        table = list(self.host.pending_auth.get(cli_id, EMPTY_AUTH_TABLE))
+        done = grant(table, cli_id, uuid, auth)
+        if any(entry != EMPTY_UUID for entry in table):
+            self.host.pending_auth[cli_id] = table
+        else:
+            self.host.pending_auth.pop(cli_id, None)
+        return done
 
     # --- list -----------------------------------------------------------------------------------
 

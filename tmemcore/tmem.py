@@ -17,8 +17,8 @@ import json
 import threading
 from typing import IO, Any, Callable
 
-from .abi import CLI_ID_NULL, MAX_GLOBAL_SHARED_POOLS, PAGE_SIZE, SPEC_V0, SPEC_V1
-from .client import Client
+from .abi import CLI_ID_NULL, MAX_GLOBAL_SHARED_POOLS, MAX_SHARED_AUTH, PAGE_SIZE, SPEC_V0, SPEC_V1
+from .client import EMPTY_UUID, Client
 from .control import Control
 from .dedup import Pcd
 from .errors import InvalidArgument, NotPermitted
@@ -45,6 +45,7 @@ class Tmem:
         tze: bool = False,
         compress: bool = False,
         shared_auth: bool = False,
+        shared_auth_strict: bool = False,
         enabled: bool = True,
         store_factory: StoreFactory = MemoryStore,
         store: "str | MemcachedPages" = MEMORY,
@@ -63,6 +64,11 @@ class Tmem:
         self.tze = tze and dedup and not compress  # Xen: tze needs dedup and is disabled with compression
         self.compress_default = compress
         self.shared_auth = shared_auth
+        # tmemd's variant (docs/trust-model.md): an unauthorized shared NEW_POOL is -EPERM rather than
+        # silently private, and TMEM_AUTH may name a client that has no pool yet (a guest about to
+        # connect): the grant waits in pending_auth and becomes the client's when it is created.
+        self.shared_auth_strict = shared_auth_strict
+        self.pending_auth: dict[int, list[tuple[int, int]]] = {}
         self.global_shared_auth = False
         self.store_factory = store_factory
         remote = open_page_bytes(store)
@@ -111,13 +117,16 @@ class Tmem:
         if not isinstance(cli_id, int) or not 0 <= cli_id < CLI_ID_NULL:
             raise InvalidArgument(f"client id must be in 0..{CLI_ID_NULL - 1}, got {cli_id!r}")
         with self.lock:
-            return self.clients.setdefault(cli_id, Client(self, cli_id))
+            client = self.clients.setdefault(cli_id, Client(self, cli_id))
+            self.pending_auth.pop(cli_id, None)  # the client now holds its grants itself
+            return client
 
     def adopt_client(self, cli_id: int, first_op: Callable[[Client], int]) -> int:
         """Run ``first_op`` on a new client and keep the client only if the op succeeds."""
         client = Client(self, cli_id)
         result = first_op(client)
         self.clients[cli_id] = client
+        self.pending_auth.pop(cli_id, None)
         return result
 
     def existing_client(self, cli_id: int) -> Client:
@@ -351,6 +360,10 @@ class Tmem:
             for slot, pool in enumerate(self.shared_pools):
                 if pool is not None:
                     assert pool.shared and id(pool) in pools, f"shared slot {slot} holds an unreachable pool"
+            for cid, table in self.pending_auth.items():
+                assert self.shared_auth_strict, "grants for clients that do not exist on a Xen-rule host"
+                assert cid not in self.clients, f"client {cid} exists but its grants are still pending"
+                assert len(table) == MAX_SHARED_AUTH and any(u != EMPTY_UUID for u in table), table
             for pool in pools.values():
                 if pool.shared:
                     assert pool in self.shared_pools, f"{pool!r} is shared but not in the global table"
