@@ -533,7 +533,8 @@ def upload_stream(dom0: _Dom0, client: int, stream: bytes, convert: bool) -> Non
             chunk = bytearray(stream[offset : offset + RESTORE_CHUNK])
             rc = dom0.control(abi.TMEMC_RESTORE_STREAM_DATA, client, arg1=len(chunk), arg2=token, oid=offset, buf=chunk)
             if rc < 0:
-                raise StreamError(f"uploading the stream failed at byte {offset}: {rc_text(rc)}; nothing restored")
+                hint = " (larger than this server could restore)" if rc == -errno.ENOMEM else ""
+                raise StreamError(f"uploading the stream failed at byte {offset}: {rc_text(rc)}{hint}; nothing restored")
         message = bytearray(MESSAGE_BUFFER)
         flags = abi.RESTORE_STREAM_CONVERT if convert else 0
         rc = dom0.control(abi.TMEMC_RESTORE_STREAM_COMMIT, client, arg1=flags, arg2=token, oid=len(stream), buf=message)

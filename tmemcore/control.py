@@ -400,8 +400,9 @@ class RestoreUploads:
         upload.data += chunk
         return 1
 
-    def take(self, cli_id: int, token: int) -> bytes:
-        data = bytes(self._get(cli_id, token).data)
+    def take(self, cli_id: int, token: int) -> bytearray:
+        """The upload's bytes, no longer staged (no copy: nothing else holds them)."""
+        data = self._get(cli_id, token).data
         del self._open[cli_id]
         return data
 
