@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "A migration: 'save CLIENT F --live --seal KEY' on one server, 'restore CLIENT F --verify KEY' on "
         "another. A sealed stream is the unchanged libxc stream in an HMAC-SHA256 envelope; restore --verify "
         "refuses any changed or truncated byte before touching the server (docs/stream-format.md).",
+        epilog="Seal format 1: 'TMEMSEAL', u16 version, u16 algorithm (1 = HMAC-SHA256), 8-byte key id, "
+        "u64 length, the libxc stream, then HMAC-SHA256 over all of that (32 bytes). Key files: one line "
+        "'tmemseal-key-v1 <64 hex digits>', made by 'tmemctl keygen FILE' with mode 0600; a key file that "
+        "group or others may access is refused, as ssh refuses such private keys. "
+        "Exit status: 0 ok, 1 bad data or a failed operation, 2 bad usage, 130 interrupted, 141 output "
+        "reader gone.",
     )
     parser.add_argument("--server", metavar="ADDR",
                         help="tmemd address: unix:PATH or tcp:HOST:PORT (default: none; every command but "
