@@ -24,27 +24,40 @@ nothing sent: GET_PAGE, which overwrites the whole page on a hit, and the contro
 that only write their buffer: LIST, SAVE_GET_POOL_UUID, SAVE_GET_NEXT_PAGE, SAVE_GET_NEXT_INV). The response carries the buffer back only when
 the host wrote to it: for CONTROL always, for GET_PAGE/READ only on a hit (rc == 1).
 One connection speaks for one client id, named once in the hello; requests on a connection
-are answered in order. There is no authentication: a connection may claim client 0 (dom0,
-control ops), so tmemd is meant for loopback and unix sockets only.
+are answered in order.
+
+Who may speak for which id is decided by the transport, never by the hello (docs/trust-model.md):
+a unix peer by its uid (SO_PEERCRED), a TCP peer by its TLS client certificate's subject. Only a
+control principal (root or the daemon's uid; a configured certificate subject) may name client 0
+(dom0: control ops); an id one principal's connection holds is refused to any other principal.
+A refused hello gets a welcome with a nonzero status and the connection is closed: ``-EPERM``
+(client 0 without control rights, an id held by another principal or by the host), ``-EBUSY``
+(a connection limit), ``-ENOSPC`` (no free client id). These statuses came with the trust model;
+the frames did not change, so the protocol is still 1 (a protocol-1 client already treats any
+nonzero status as a refusal). Over TCP the frames run inside TLS (``TlsConfig``); only a daemon
+started with ``--insecure-tcp`` (127.0.0.1 only) speaks them in the clear.
 
 Client id assignment (a compatible extension of protocol 1): a hello naming ``CLIENT_ANY``
 (0xFFFF, Xen's CLI_ID_NULL, never a real domain id) asks the server to pick one; the server
 answers with a 16-byte welcome whose extra u16 is the id it assigned -- the lowest id >= 1 that
-no open connection speaks for. A hello naming a real id gets the classic 14-byte welcome, so
-old clients and old servers keep working with explicit ids (an old server cannot assign ids: a
-client asking for one gets a 14-byte welcome and reports the server as too old). A nonzero
-status refuses the connection (``-ENOSPC``: no free client id).
+no open connection holds and the host has no pools for. A hello naming a real id gets the
+classic 14-byte welcome, so old clients and old servers keep working with explicit ids (an old
+server cannot assign ids: a client asking for one gets a 14-byte welcome and reports the server
+as too old).
 
 Connection lifetime = guest lifetime: when a connection closes (cleanly, by a crash or
 ``kill -9`` of the guest), the server destroys every pool that connection created with
 NEW_POOL (DESTROY_POOL as that client), as Xen destroys a domain's pools when the domain
-dies. Two connections naming the same explicit id share that client; each destroys only the
-pools it created.
+dies. Connections of one principal may share an explicit id; each destroys only the pools it
+created.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -119,6 +132,48 @@ def address_of(sock: socket.socket) -> str:
     if sock.family == socket.AF_UNIX:
         return str(Address(socket.AF_UNIX, name))
     return str(Address(sock.family, (name[0], name[1])))
+
+
+def refusal_text(status: int) -> str:
+    """A welcome's nonzero status in words: ``Operation not permitted (-EPERM)``."""
+    name = errno.errorcode.get(-status)
+    return f"{os.strerror(-status)} (-{name})" if name else f"status {status}"
+
+
+# ===================================================================== TLS (client side)
+
+
+class TlsConfigError(ValueError):
+    """A TLS certificate, key or CA file that cannot be used; the message is one line naming them."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """What a client needs to reach a TLS tmemd: its own certificate and key (the server requires one:
+    the certificate's subject is the client's identity) and the CA that signed the server's certificate.
+
+    ``server_name`` is the name the server's certificate must carry; None: the address's host (an IP
+    address is matched against the certificate's IP subjectAltName)."""
+
+    cert: str
+    key: str
+    ca: str
+    server_name: str | None = None
+
+    def client_context(self) -> ssl.SSLContext:
+        """A verifying client context (TLS 1.2+, hostname checked); TlsConfigError if a file is unusable."""
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:  # ssl.SSLError is an OSError; both name the reason
+            raise TlsConfigError(f"cannot use TLS files (cert {self.cert}, key {self.key}, ca {self.ca}): "
+                                 f"{_reason(exc)}") from exc
+        return context
+
+
+def _reason(exc: OSError) -> str:
+    return str(getattr(exc, "reason", None) or exc.strerror or exc)
 
 
 def unreachable(address: str, exc: OSError) -> str:
@@ -311,12 +366,17 @@ class RemoteTmem:
     ``do_tmem_op`` connects.
     """
 
-    def __init__(self, address: str, client_id: int, timeout: float = 2.0) -> None:
+    def __init__(self, address: str, client_id: int, timeout: float = 2.0, tls: TlsConfig | None = None) -> None:
         self.address = parse_address(address)
         self.requested_id = client_id
         self.client_id = client_id
         self.timeout = timeout
         encode_hello(client_id)  # validates the id now rather than on first use
+        if tls is not None and self.address.family == socket.AF_UNIX:
+            raise ValueError(f"TLS is for tcp: addresses; {address} is authenticated by its peer credentials")
+        self.tls = tls
+        # built once, so unusable certificate files fail here (TlsConfigError), not at each connect
+        self._tls_context = None if tls is None else tls.client_context()
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
@@ -365,10 +425,15 @@ class RemoteTmem:
             sock.connect(self.address.sockaddr)
             if self.address.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls_context is not None:
+                assert self.tls is not None
+                server_name = self.tls.server_name or str(self.address.sockaddr[0])
+                sock = self._tls_context.wrap_socket(sock, server_hostname=server_name)  # handshakes now
             send_frame(sock, encode_hello(self.requested_id))
             status, assigned = decode_welcome(recv_frame(sock) or b"")
             if status != 0:
-                raise ConnectionRefusedError(f"tmemd at {self.address} refused client {self._requested_name()}: {status}")
+                raise ConnectionRefusedError(
+                    f"tmemd at {self.address} refused client {self._requested_name()}: {refusal_text(status)}")
             if self.requested_id == CLIENT_ANY and assigned is None:
                 raise ProtocolError(f"tmemd at {self.address} cannot assign client ids (too old): name one explicitly")
         except OSError:

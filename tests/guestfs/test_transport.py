@@ -92,7 +92,8 @@ class Tmemd:
         ready = workdir / "ready"
         self.log = open(workdir / "tmemd.log", "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0", "--ready-file", str(ready), *extra],
+            [sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0", "--insecure-tcp", "--ready-file",
+             str(ready), *extra],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 15

@@ -39,6 +39,9 @@ class Daemon:
 
 
 def start_tmemd(tmp_path: Path, *args: str, listen: str = "tcp:127.0.0.1:0") -> Daemon:
+    """A tmemd subprocess; plain TCP on loopback (--insecure-tcp) unless TLS options are given."""
+    if listen.startswith("tcp:") and "--tls-cert" not in args:
+        args = ("--insecure-tcp", *args)
     ready = tmp_path / "ready"
     log = tmp_path / "tmemd.log"
     ready.unlink(missing_ok=True)

@@ -50,7 +50,7 @@ class EchoHost:
 @pytest.fixture
 def served(tmp_path: Path):
     host = EchoHost()
-    server = TmemServer(host, "tcp:127.0.0.1:0")
+    server = TmemServer(host, "tcp:127.0.0.1:0", insecure_tcp=True)
     address = server.start()
     try:
         yield host, server, address
@@ -239,7 +239,7 @@ def test_write_only_control_ops_send_only_the_size():
 
 
 def test_connections_beyond_the_limit_are_refused():
-    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=1)
+    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=1, insecure_tcp=True)
     address = server.start()
     try:
         first = RemoteTmem(address, 1)
@@ -259,7 +259,7 @@ def test_connections_beyond_the_limit_are_refused():
 
 def test_connections_that_never_say_hello_cannot_lock_guests_out():
     """64 idle sockets used to hold every slot for good (an audit's lockout of tmemctl and new mounts)."""
-    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=2, hello_timeout=0.5)
+    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=2, hello_timeout=0.5, insecure_tcp=True)
     address = server.start()
     host, port = address.split(":")[1:]
     silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
@@ -279,7 +279,7 @@ def test_connections_that_never_say_hello_cannot_lock_guests_out():
 def test_a_hello_trickled_byte_by_byte_still_times_out():
     """The hello timeout bounds the whole hello, not each recv: a peer sending a byte now and then
     (or declaring a long first frame) kept its slot for good."""
-    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=1, hello_timeout=0.5)
+    server = TmemServer(EchoHost(), "tcp:127.0.0.1:0", max_connections=1, hello_timeout=0.5, insecure_tcp=True)
     address = server.start()
     parsed = wire.parse_address(address)
     try:
@@ -310,7 +310,7 @@ def test_one_save_per_client_and_only_its_own_connection_ends_it():
 
     host = Tmem(memory_pages=16)
     host.client(8).new_pool(persistent=True).put(7, 0, bytes(4096))
-    server = TmemServer(host, "tcp:127.0.0.1:0")
+    server = TmemServer(host, "tcp:127.0.0.1:0", insecure_tcp=True)
     address = server.start()
     begin, end = (abi.control_record(subop, 8) for subop in (abi.TMEMC_SAVE_BEGIN, abi.TMEMC_SAVE_END))
     try:
@@ -340,7 +340,7 @@ def test_a_save_cut_off_by_its_connection_does_not_leave_the_client_frozen(live:
     host = Tmem(memory_pages=16)
     pool = host.client(8).new_pool(persistent=True)
     pool.put(7, 0, bytes(4096))
-    server = TmemServer(host, "tcp:127.0.0.1:0")
+    server = TmemServer(host, "tcp:127.0.0.1:0", insecure_tcp=True)
     address = server.start()
     try:
         tool = RemoteTmem(address, 0, timeout=5.0)

@@ -250,7 +250,7 @@ def test_tmemd_keeps_ephemeral_pages_in_memcached(memcached: Memcached, tmp_path
 
     ready = tmp_path / "ready"
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0", "--memory", "1M",
+        [sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0", "--insecure-tcp", "--memory", "1M",
          "--store", memcached.url, "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -279,7 +279,7 @@ def test_tmemd_keeps_ephemeral_pages_in_memcached(memcached: Memcached, tmp_path
 def test_tmemd_refuses_a_bad_store() -> None:
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0",
+    done = subprocess.run([sys.executable, "-m", "tmemcore.server", "--listen", "tcp:127.0.0.1:0", "--insecure-tcp",
                            "--store", "redis://nowhere"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("tmemd: store must be") and "Traceback" not in done.stderr
