@@ -29,8 +29,10 @@ def plot_curves(
     *,
     ylabel: str = "hit ratio (%)",
     logx: bool = True,
+    percent: bool = True,
 ) -> Path | None:
-    """Several named (x, y) series on one axis; y given as fractions is shown in percent."""
+    """Several named (x, y) series on one axis; y given as fractions is shown in percent
+    (``percent=False``: y as given, e.g. seconds or MiB)."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -38,7 +40,7 @@ def plot_curves(
     for label, (xs, ys) in curves.items():
         if len(xs) == 0:
             continue
-        ax.plot(list(xs), [100 * y for y in ys], marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+        ax.plot(list(xs), [100 * y if percent else y for y in ys], marker="o" if len(xs) < 30 else None, markersize=3, label=label)
     if logx:
         # linear up to the smallest positive size, so a 0 ("no tmem") point sits next to the rest
         positive = [x for xs, _ in curves.values() for x in xs if x > 0]
