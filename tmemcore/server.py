@@ -310,7 +310,7 @@ class TmemServer:
         asked_any = requested == wire.CLIENT_ANY
         name = "any" if asked_any else str(requested)
         if verdict.status != 0:
-            LOG.warning("refusing %s (%s) as client %s: %s (%s)", conn.peer, conn.principal, name, verdict.reason,
+            LOG.warning("refusing %s as client %s: %s (%s)", conn.peer, name, verdict.reason,
                         wire.refusal_text(verdict.status))
             wire.send_frame(conn.sock, wire.encode_welcome(verdict.status, 0 if asked_any else None))
             return None
