@@ -90,6 +90,31 @@ def non_negative_int(text: str) -> int:
     return _parse_int(text, 0, "value")
 
 
+MIN_GUEST_MEMORY = 4 << 20  # the reader process alone takes a few MiB of its cgroup
+
+
+def parse_guest_memory(text: str) -> int:
+    """ "32M" -> bytes (K/M/G/T suffixes or bytes); at least 4 MiB."""
+    try:
+        value = parse_size(text.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < MIN_GUEST_MEMORY:
+        raise argparse.ArgumentTypeError(f"invalid guest memory {text!r}: at least 4M (the reader itself needs a few MiB)")
+    return value
+
+
+def parse_factors(text: str) -> list[float]:
+    """ "0,1,2,4" -> [0.0, 1.0, 2.0, 4.0]: multiples of the guest memory, each >= 0."""
+    try:
+        factors = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid factors {text!r}: comma-separated numbers from 0 to 1024") from None
+    if not factors or any(not 0 <= f <= 1024 for f in factors):  # also false for NaN
+        raise argparse.ArgumentTypeError(f"invalid factors {text!r}: comma-separated numbers from 0 to 1024")
+    return factors
+
+
 def parse_weights(text: str) -> list[int]:
     try:
         weights = [int(part) for part in text.split(",") if part.strip()]
@@ -239,20 +264,59 @@ def build_parser() -> argparse.ArgumentParser:
     live = sub.add_parser("live", formatter_class=HelpFormatter, help="zipf workload through a real mount, tmem sweep",
                           description="A seeded zipf read workload (fio when it can run, else a built-in reader) "
                           "through a real guestfs mount for each tmem size, with and without compression. "
-                          "--source is only read: fio reads a file in a private scratch tree made from it.")
+                          "--source is only read: fio reads a file in a private scratch tree made from it. "
+                          "With --guest-memory the workload runs as a separate process in a memory cgroup of "
+                          "that size (needs root and a writable cgroup v1 or v2 memory controller), as a guest "
+                          "whose page cache is bounded; it matters most with --first-chance kernel, where the "
+                          "kernel's page cache of the mount is the guest's first chance. "
+                          "\n\n"
+                          "--value-table runs the value table instead: an ext4 image on a loop device with "
+                          "direct-io on (root), a working set 4x --guest-memory written on it, the same seeded "
+                          "zipf sequence in a fresh cgroup of --guest-memory for each row: guestfs "
+                          "(--first-chance kernel --backing-direct) on a tmemd outside the cgroup for each "
+                          "--tmem-factors size, then O_DIRECT reads of the files without FUSE and bindfs over "
+                          "them; wall time, device and backing MiB, tmem hit ratio and host memory per row, the "
+                          "issue's targets checked. Writes value.csv, value.json, value-time.png, "
+                          "value-backing.png and summary.md into --out.")
     live.add_argument("--source", type=Path, default=None,
                       help="backing tree, never written (default: a scratch copy of text files from /usr/share)")
     live.add_argument("--tmem-sizes", type=parse_page_list, default=[0, 1024, 4096],
                       help="tmem sizes a,b,c (0 = a one-page host) or auto")
-    live.add_argument("--page-cache", type=parse_positive_pages, default=256, help="first-chance cache size (pages)")
+    live.add_argument("--page-cache", type=parse_positive_pages, default=256,
+                      help="first-chance cache size (pages; --first-chance daemon)")
     live.add_argument("--compress", action="store_true", help="also run every size with host compression")
-    live.add_argument("--reads", type=positive_int, default=4000, help="4 KiB reads per run")
-    live.add_argument("--files", type=positive_int, default=200, help="files in the generated source tree")
+    live.add_argument("--reads", type=positive_int, default=None,
+                      help="4 KiB reads per run (default: 4000; with --value-table 2 per working-set page)")
+    live.add_argument("--files", type=positive_int, default=None,
+                      help="files in the generated source tree (default: 200; with --value-table the working set "
+                      "is split into 8)")
     live.add_argument("--workload", choices=("auto", "fio", "builtin"), default="auto",
                       help="auto/fio: fio (random_distribution=zipf) when it can run, else the built-in zipf "
                       "reader, which also checks every byte read")
+    live.add_argument("--first-chance", choices=("kernel", "daemon"), default=None,
+                      help="passed to guestfs mount: daemon counts every read exactly, kernel leaves repeated "
+                      "reads to the kernel's page cache (default: daemon; kernel with --value-table)")
+    live.add_argument("--backing-direct", action=argparse.BooleanOptionalAction, default=None,
+                      help="passed to guestfs mount: read misses from the backing files with O_DIRECT (default: "
+                      "off; on with --value-table)")
+    live.add_argument("--threads", choices=("single", "multi"), default="single",
+                      help="passed to guestfs mount: libfuse's loop")
+    live.add_argument("--guest-memory", type=parse_guest_memory, default=None, metavar="SIZE",
+                      help="run the workload in a memory cgroup of this size, K/M/G suffixes or bytes, at least "
+                      "4M (default: no cgroup; 16M with --value-table)")
+    live.add_argument("--value-table", action="store_true",
+                      help="run the value table (see above) instead of the tmem sweep")
+    live.add_argument("--tmem-factors", type=parse_factors, default=None,
+                      help="--value-table: tmem sizes as multiples of --guest-memory, a,b,c (0 = a one-page tmemd) "
+                      "(default: 0,1,2,4)")
+    live.add_argument("--no-baselines", action="store_true",
+                      help="--value-table: skip the O_DIRECT and bindfs rows")
+    live.add_argument("--no-warmup", action="store_true",
+                      help="--value-table: no sequential pass over the working set before the timed reads (every "
+                      "row then starts from empty caches)")
     live.add_argument("--seed", type=non_negative_int, default=1, help="workload seed")
-    live.add_argument("--out", type=Path, default=None, help="output directory (default: ./results/live)")
+    live.add_argument("--out", type=Path, default=None,
+                      help="output directory (default: ./results/live; ./results/value with --value-table)")
     _add_quiet(live)
     return parser
 
@@ -302,6 +366,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.clients = args.clients or traces
         if args.weights is not None and len(args.weights) != args.clients:
             _usage(args, f"argument --weights: {len(args.weights)} weights for {args.clients} clients")
+    if args.command == "live":
+        _check_live_args(args)
     traces = args.trace if isinstance(getattr(args, "trace", None), list) else [getattr(args, "trace", None)]
     problems = [input_file_problem("--trace", trace) for trace in traces if trace is not None]
     problems += [input_dir_problem("--tree", tree) for tree in getattr(args, "tree", None) or []]
@@ -312,6 +378,20 @@ def check_args(args: argparse.Namespace) -> None:
     problem = next((p for p in problems if p), "")
     if problem:
         _usage(args, problem)
+
+
+def _check_live_args(args: argparse.Namespace) -> None:
+    """Options that belong to the sweep or to the value table only."""
+    if args.value_table:
+        for given, option in ((args.source is not None, "--source"), (args.compress, "--compress"),
+                              (args.workload != "auto", "--workload")):
+            if given:
+                _usage(args, f"argument {option}: not with --value-table (it writes and reads its own working set)")
+        return
+    for given, option in ((args.tmem_factors is not None, "--tmem-factors"),
+                          (args.no_baselines, "--no-baselines"), (args.no_warmup, "--no-warmup")):
+        if given:
+            _usage(args, f"argument {option}: only with --value-table")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -399,8 +479,14 @@ def cmd_keying(args: argparse.Namespace) -> int:
 
 
 def cmd_live(args: argparse.Namespace) -> int:
-    from .live import run_live_experiment
+    from .live import run_live_experiment, run_value_table
 
+    if args.value_table:
+        out = args.out or Path("results") / "value"
+        summary, wrong_reads = run_value_table(args, out)
+        print(summary)
+        print(f"wrote {out}")
+        return 0 if wrong_reads == 0 else WRONG_BYTES_STATUS
     out = args.out or Path("results") / "live"
     print(run_live_experiment(args, out))
     print(f"wrote {out}")

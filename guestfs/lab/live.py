@@ -19,11 +19,14 @@ the "no tmem" baseline in practice.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +125,8 @@ def run_reads(mountpoint: Path, source: Path, plan: ReadPlan) -> dict[str, Any]:
             "reads_per_second": len(plan.reads) / seconds if seconds else 0.0}
 
 
+SWEEP_READS = 4000  # guestfs lab live's --reads and --files when not given (the value table has its own)
+SWEEP_FILES = 200
 FIO_FILE = "fio-zipf.dat"
 FIO_MAX_BYTES = 16 << 20
 
@@ -157,8 +162,9 @@ def fio_unavailable_reason(fio_tree: Path) -> str | None:
     return None
 
 
-def run_fio(mountpoint: Path, big_file: str, reads: int, seed: int) -> dict[str, Any]:
-    """fio randread with a zipf distribution over one file of the mount.
+def run_fio(mountpoint: Path, big_file: str, reads: int, seed: int, cgroup: Any = None) -> dict[str, Any]:
+    """fio randread with a zipf distribution over one file of the mount (inside ``cgroup``, a
+    ``guestmem.MemoryCgroup``, when given).
 
     fio checks no bytes here, so ``wrong_reads`` is None (not 0): nothing was verified."""
     size = (mountpoint / big_file).stat().st_size
@@ -167,18 +173,32 @@ def run_fio(mountpoint: Path, big_file: str, reads: int, seed: int) -> dict[str,
                f"--size={size // PAGE_BYTES * PAGE_BYTES}", f"--randseed={seed}", "--ioengine=psync",
                "--output-format=terse"]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if cgroup is None:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        stderr = done.stderr
+    else:
+        from .guestmem import run_in_cgroup
+
+        ran = run_in_cgroup(cgroup, command, timeout=300)
+        done, stderr = ran, ran.stderr.decode(errors="replace")
     if done.returncode != 0:
-        raise FioError(f"fio failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise FioError(f"fio failed: {(stderr.strip().splitlines() or ['?'])[-1]}")
     return {"workload": "fio", "reads": reads, "wrong_reads": None, "seconds": time.perf_counter() - started}
 
 
 def mount_args(page_cache_pages: int, tmem_pages: int, *, abi: str = "v1", fold: str = "xxh64",
-               compress: bool = False) -> list[str]:
-    # --first-chance daemon: every read reaches the daemon, so hits and misses are counted exactly
-    args = ["--first-chance", "daemon", "--page-cache", f"{page_cache_pages * 4}K",
-            "--tmem", f"{max(tmem_pages, 1) * 4}K", "--abi", abi, "--v0-fold", fold]
-    return args + (["--compress"] if compress else [])
+               compress: bool = False, first_chance: str = "daemon", backing_direct: bool = False,
+               threads: str = "single") -> list[str]:
+    """The ``guestfs mount`` options of one live run.
+
+    first_chance "daemon" (the lab's default): every read reaches the daemon, so hits and misses
+    are counted exactly; "kernel": the kernel's page cache serves repeated reads (then there is no
+    page cache of ours to size, and the kernel's hits are not counted)."""
+    args = ["--first-chance", first_chance, "--tmem", f"{max(tmem_pages, 1) * 4}K", "--abi", abi,
+            "--v0-fold", fold, "--threads", threads]
+    if first_chance == "daemon":
+        args[2:2] = ["--page-cache", f"{page_cache_pages * 4}K"]
+    return args + (["--compress"] if compress else []) + (["--backing-direct"] if backing_direct else [])
 
 
 def live_run(
@@ -193,11 +213,19 @@ def live_run(
     fio_file: str | None = None,
     seed: int = 1,
     timeout: float = 20.0,
+    first_chance: str = "daemon",
+    backing_direct: bool = False,
+    threads: str = "single",
+    guest_memory: int | None = None,
 ) -> dict[str, Any]:
     """Mount ``source``, run the workload, return the workload result plus the daemon's stats.
 
     With ``fio_file`` (a file of ``source``, see ``make_fio_tree``) fio reads that file and
-    ``plan`` only gives the number of reads; otherwise the built-in reader executes ``plan``."""
+    ``plan`` only gives the number of reads; otherwise the built-in reader executes ``plan``.
+    With ``guest_memory`` (bytes) the workload runs as a separate process in a memory cgroup of
+    that size (``guestmem``): fio itself, or the reader script (``reader.py``), which checks every
+    page against xxh64 digests of the backing files made beforehand; the result then has the
+    cgroup's usage under "guest"."""
     from guestfs.mount import start_mount
     from guestfs.pageio import wait_until_cacheable
 
@@ -205,10 +233,13 @@ def live_run(
     # let a just-made tree settle so every run caches from its first read, as a long-lived tree would.
     wait_until_cacheable(*(source / name for name in ([fio_file] if fio_file else plan.files)))
     with tempfile.TemporaryDirectory(prefix="guestfs-lab-mnt-") as mountpoint:
-        handle = start_mount(str(source), mountpoint, mount_args(page_cache_pages, tmem_pages, abi=abi, fold=fold,
-                                                                 compress=compress), timeout=timeout)
+        args = mount_args(page_cache_pages, tmem_pages, abi=abi, fold=fold, compress=compress,
+                          first_chance=first_chance, backing_direct=backing_direct, threads=threads)
+        handle = start_mount(str(source), mountpoint, args, timeout=timeout)
         try:
-            if fio_file is not None:
+            if guest_memory is not None:
+                workload = run_in_guest(Path(mountpoint), source, plan, fio_file, seed, guest_memory)
+            elif fio_file is not None:
                 workload = run_fio(Path(mountpoint), fio_file, len(plan.reads), seed)
             else:
                 workload = run_reads(Path(mountpoint), source, plan)
@@ -221,7 +252,53 @@ def live_run(
     # A run that failed raised above and keeps its log, which its error message names.
     Path(handle.log_path).unlink(missing_ok=True)
     return {"page_cache_pages": page_cache_pages, "tmem_pages": tmem_pages, "abi": abi, "fold": fold,
-            "compress": compress, **workload, "stats": stats}
+            "compress": compress, "first_chance": first_chance, "backing_direct": backing_direct, **workload,
+            "stats": stats}
+
+
+def page_digests(source: Path, plan: ReadPlan) -> tuple[array, list[int]]:
+    """xxh64 of every page of every plan file, and where each file's pages start in that array."""
+    import xxhash
+
+    digests, first_page = array("Q"), []
+    for name in plan.files:
+        first_page.append(len(digests))
+        with open(source / name, "rb") as backing:
+            while page := backing.read(PAGE_BYTES):
+                digests.append(xxhash.xxh64_intdigest(page))
+        if len(digests) == first_page[-1]:  # an empty file: its one planned page reads b""
+            digests.append(xxhash.xxh64_intdigest(b""))
+    return digests, first_page
+
+
+def run_in_guest(mountpoint: Path, source: Path, plan: ReadPlan, fio_file: str | None, seed: int,
+                 guest_memory: int, timeout: float = 300.0) -> dict[str, Any]:
+    """The workload as a separate process in a fresh memory cgroup of ``guest_memory`` bytes."""
+    from . import guestmem, reader
+
+    with tempfile.TemporaryDirectory(prefix="guestfs-lab-reader-") as scratch_name:
+        scratch = Path(scratch_name)
+        with guestmem.guest_memory(guest_memory) as cgroup:
+            if fio_file is not None:
+                workload = run_fio(mountpoint, fio_file, len(plan.reads), seed, cgroup=cgroup)
+            else:
+                digests, first_page = page_digests(source, plan)
+                with open(scratch / "digests.bin", "wb") as out:
+                    digests.tofile(out)
+                spec = reader.write_spec(str(scratch / "spec.json"), {
+                    "root": str(mountpoint), "files": plan.files, "check": "digests", "direct": False,
+                    "sequence": reader.write_sequence(str(scratch / "sequence.bin"), plan.reads),
+                    "digests": str(scratch / "digests.bin"), "first_page": first_page})
+                done = guestmem.run_in_cgroup(cgroup, [sys.executable, "-I", reader.__file__, spec], timeout=timeout)
+                if done.returncode != 0:
+                    raise RuntimeError(f"reader failed ({done.returncode}): "
+                                       f"{(done.stderr.decode().strip().splitlines() or ['?'])[-1]}")
+                result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+                workload = {"workload": "builtin", "reads": result["reads"], "wrong_reads": result["wrong_reads"],
+                            "seconds": result["seconds"],
+                            "reads_per_second": result["reads"] / result["seconds"] if result["seconds"] else 0.0}
+            workload["guest"] = cgroup.usage().to_dict()
+    return workload
 
 
 def flatten(run: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +317,11 @@ def flatten(run: dict[str, Any]) -> dict[str, Any]:
     for client in host.get("clients", []):
         for name in ("compressed_pages", "compressed_sum_size", "compress_poor"):
             row[f"host_{name}"] = row.get(f"host_{name}", 0) + int(client.get(name, 0))
+    guest = run.get("guest") or {}
+    for name in ("limit_bytes", "peak_bytes", "file_bytes"):
+        if name in guest:
+            row[f"guest_{name}"] = guest[name]
+    row.pop("guest", None)
     reads = row.get("reads") or 0
     if reads and "succ_gets" in row:
         row["tmem_hit_ratio"] = row["succ_gets"] / reads
@@ -264,7 +346,9 @@ def _sweep(args: argparse.Namespace, tree: Path, plan: ReadPlan, sizes: list[int
         for compress in modes:
             for tmem_pages in sizes:
                 runs.append(live_run(tree, plan, page_cache_pages=args.page_cache, tmem_pages=tmem_pages,
-                                     compress=compress, fio_file=fio_file, seed=args.seed))
+                                     compress=compress, fio_file=fio_file, seed=args.seed,
+                                     first_chance=args.first_chance or "daemon", backing_direct=bool(args.backing_direct),
+                                     threads=args.threads, guest_memory=args.guest_memory))
                 bar(len(plan.reads))
     return runs
 
@@ -289,11 +373,15 @@ def run_sweep(args: argparse.Namespace, source: Path, plan: ReadPlan, sizes: lis
 
 
 def run_live_experiment(args: argparse.Namespace, out: Path) -> str:
-    """``guestfs lab live``: a tmem sweep (and compression) through real mounts; ``--source`` is never written."""
+    """``guestfs lab live``: a tmem sweep (and compression) through real mounts; ``--source`` is never written.
+
+    With ``--value-table``: the value table instead (``value.value_table``)."""
+    if args.value_table:
+        return run_value_table(args, out)[0]
     sizes = args.tmem_sizes if args.tmem_sizes != "auto" else [0, 1024, 4096, 16384]
     with tempfile.TemporaryDirectory(prefix="guestfs-lab-src-") as scratch:
-        source = args.source or make_text_tree(Path(scratch) / "src", args.files, seed=args.seed)
-        plan = plan_reads(source, args.reads, seed=args.seed)
+        source = args.source or make_text_tree(Path(scratch) / "src", args.files or SWEEP_FILES, seed=args.seed)
+        plan = plan_reads(source, args.reads or SWEEP_READS, seed=args.seed)
         runs, fio_fallback = run_sweep(args, source, plan, sizes, Path(scratch))
     used_fio = runs[0]["workload"] == "fio"
     rows = [flatten(run) for run in runs]
@@ -308,16 +396,44 @@ def run_live_experiment(args: argparse.Namespace, out: Path) -> str:
                                                                       [r.get("tmem_hit_ratio", 0.0) for r in subset])})
     columns = ["tmem_pages", "compress", "reads", "wrong_reads", "page_cache_hits", "succ_gets", "hit_ratio",
                "backing_bytes_read", "host_used_bytes", "host_compressed_pages"]
+    if args.guest_memory is not None:
+        columns += ["seconds", "guest_peak_bytes", "guest_file_bytes"]
     if used_fio:
         workload = (f"fio randread zipf:0.9 over {FIO_FILE}, a scratch file concatenated from the source's files "
                     "(fio checks no bytes: wrong_reads n/a)")
     else:
+        checked = "the backing file's page digests" if args.guest_memory is not None else "the backing file"
         workload = (f"built-in zipf(0.9) reader over {len(plan.files)} files ({plan.distinct_pages:,} distinct "
-                    "pages), every read checked against the backing file")
+                    f"pages), every read checked against {checked}")
         if fio_fallback is not None:
             workload += f" (fio could not run: {fio_fallback}; used the built-in reader instead)"
     shown = [{**row, "wrong_reads": "n/a (fio)"} if row["wrong_reads"] is None else row for row in rows]
-    body = (f"{len(plan.reads):,} 4 KiB reads per run: {workload}; page cache {args.page_cache} pages.\n\n"
+    shown = [{**row, "seconds": f"{row['seconds']:.3f}"} for row in shown]  # not a ratio: never as a percentage
+    first_chance = args.first_chance or "daemon"
+    setup = (f"page cache {args.page_cache} pages" if first_chance == "daemon" else "--first-chance kernel")
+    setup += " --backing-direct" if args.backing_direct else ""
+    if args.guest_memory is not None:
+        setup += f"; the workload ran in a {args.guest_memory >> 20} MiB memory cgroup"
+    body = (f"{len(plan.reads):,} 4 KiB reads per run: {workload}; {setup}.\n\n"
             + report.markdown_table(shown, columns))
     report.write_summary(out / "summary.md", "Live mount: tmem sweep", [("Runs", body)])
     return body
+
+
+def run_value_table(args: argparse.Namespace, out: Path) -> tuple[str, int]:
+    """``guestfs lab live --value-table``: ``value.value_table`` with the command's options; the
+    summary and the number of wrong reads (pages whose bytes were not theirs) over all rows."""
+    from .value import DEFAULT_GUEST_MEMORY, DEFAULT_TMEM_FACTORS, VALUE_FILES, value_table, write_value_outputs
+
+    def note(row: str) -> None:
+        if not args.quiet:
+            print(f"value table: {row} ...", file=sys.stderr, flush=True)
+
+    table = value_table(args.guest_memory or DEFAULT_GUEST_MEMORY, tmem_factors=args.tmem_factors or DEFAULT_TMEM_FACTORS,
+                        reads=args.reads, seed=args.seed, files=args.files or VALUE_FILES,
+                        first_chance=args.first_chance or "kernel",
+                        backing_direct=True if args.backing_direct is None else args.backing_direct,
+                        threads=args.threads, baselines=not args.no_baselines, warmup=not args.no_warmup,
+                        progress=note)
+    wrong = sum(row["wrong_reads"] + row["warmup_wrong_reads"] for row in table["rows"])
+    return write_value_outputs(table, out), wrong

@@ -58,8 +58,9 @@ PAGE_BYTES = reader.PAGE_BYTES
 COMMAND_TIMEOUT = 60.0
 POLL_INTERVAL = 0.02
 READER_SCRIPT = str(Path(reader.__file__).resolve())
-DEFAULT_GUEST_MEMORY = 32 << 20
+DEFAULT_GUEST_MEMORY = 16 << 20  # the whole table in ~30-60 s here (docs: the measured run)
 DEFAULT_TMEM_FACTORS = (0, 1, 2, 4)
+VALUE_FILES = 8
 
 
 class ValueTableError(RuntimeError):
@@ -300,7 +301,7 @@ class ValueSettings:
     reads: int | None = None  # None: READS_PER_PAGE reads per working-set page
     alpha: float = 0.9
     seed: int = 1
-    files: int = 8
+    files: int = VALUE_FILES
     first_chance: str = "kernel"
     backing_direct: bool = True
     threads: str = "single"
@@ -536,7 +537,7 @@ def value_table(
     reads: int | None = None,
     alpha: float = 0.9,
     seed: int = 1,
-    files: int = 8,
+    files: int = VALUE_FILES,
     first_chance: str = "kernel",
     backing_direct: bool = True,
     threads: str = "single",
@@ -560,6 +561,9 @@ def value_table(
     settings = ValueSettings(guest_memory, working_set_factor, tuple(tmem_factors), reads, alpha, seed, files,
                              first_chance, backing_direct, threads, baselines, warmup)
     _check_settings(settings)
+    reason = value_table_unavailable_reason()
+    if reason is not None:  # before any image is made: one line that says what is missing
+        raise ValueTableError(f"the value table cannot run here: {reason}")
     note = progress or (lambda _message: None)
     with tempfile.TemporaryDirectory(prefix="guestfs-value-", dir=workdir) as scratch_name:
         scratch = Path(scratch_name)
@@ -572,7 +576,7 @@ def value_table(
             disk = _Disk(loop, names, {"files": names, "sequence": sequence, "check": "derived"}, scratch)
             rows = []
             for factor in settings.tmem_factors:
-                note(f"tmem {factor:g}x")
+                note(f"tmem {factor:g}x" if factor else "tmem 0")
                 rows.append(_guestfs_row(disk, settings, factor))
             if baselines:
                 note("O_DIRECT")
