@@ -4,7 +4,7 @@
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
-APT_PKGS := python3-venv fuse3 libfuse3-3 libfuse2 btrfs-progs fio bindfs memcached zstd
+APT_PKGS := python3-venv fuse3 libfuse3-3 libfuse2 btrfs-progs fio bindfs memcached zstd openssl
 EXTRAS   := test,lab,plot,memcached,fusepy
 PYTEST_ARGS ?=
 
