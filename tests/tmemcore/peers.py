@@ -154,6 +154,11 @@ def hello(client_id):
 for step in plan:
     if step["do"] == "hello":
         results.append(hello(step["id"]))
+    elif step["do"] == "silent":  # connect and say nothing
+        sock = socket.socket(address.family, socket.SOCK_STREAM)
+        sock.connect(address.sockaddr)
+        held.append(sock)
+        results.append({"silent": len(held) - 1})
     elif step["do"] == "op":
         sock = held[step["conn"]]
         page = None if step.get("page") is None else bytearray.fromhex(step["page"])
@@ -204,6 +209,10 @@ class ForeignPeer:
 
 def hello_step(client_id: int) -> dict[str, Any]:
     return {"do": "hello", "id": client_id}
+
+
+def silent_step() -> dict[str, Any]:
+    return {"do": "silent"}
 
 
 def op_step(conn: int, record: bytes, page: bytes | bytearray | None = None) -> dict[str, Any]:
