@@ -134,8 +134,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     buffer = mmap.mmap(-1, PAGE_BYTES)  # page-aligned, as O_DIRECT needs
     view = [memoryview(buffer)]
     reads = len(sequence) // 2
-    step = max(1, reads // CHECKPOINTS)
+    # the read counts after which each tenth ends (the last one: all reads)
+    marks = [max(1, reads * k // CHECKPOINTS) for k in range(1, CHECKPOINTS + 1)]
     checkpoints: list[float] = []
+    next_mark = 0
     wrong = short = 0
     preadv = os.preadv
     started = time.perf_counter()
@@ -147,13 +149,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 short += 1  # derived files are whole pages: a short read is a wrong read
             if not check(file_no, index, buffer[:got]):
                 wrong += 1
-            if (number + 1) % step == 0:
+            while next_mark < CHECKPOINTS and number + 1 == marks[next_mark]:
                 checkpoints.append(time.perf_counter() - started)
+                next_mark += 1
         seconds = time.perf_counter() - started
     finally:
         _close_all(fds)
     return {"phase": "timed", "reads": reads, "wrong_reads": wrong, "short_reads": short, "seconds": seconds,
-            "checkpoint_reads": step, "checkpoints": checkpoints, **_own_memory(), "memory_cgroup": _memory_cgroup()}
+            "checkpoint_reads": marks, "checkpoints": checkpoints, **_own_memory(), "memory_cgroup": _memory_cgroup()}
 
 
 def _own_memory() -> dict[str, int]:
