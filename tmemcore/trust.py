@@ -301,6 +301,11 @@ class Admission:
 
     # --- views --------------------------------------------------------------------------------
 
+    def guest_count(self) -> int:
+        """Welcomed guest (not control) connections."""
+        with self.lock:
+            return sum(not conn.control for conn in self.welcomed)
+
     def connections(self) -> list[Connection]:
         with self.lock:
             return [*self.pending, *self.welcomed]
