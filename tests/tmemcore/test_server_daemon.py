@@ -278,7 +278,9 @@ def test_tmemctl_unreachable_server_names_the_address(tmp_path: Path, capsys: py
 
 @pytest.mark.parametrize("command, options", [
     (["tmemcore.server"], ["--memory", "--accept-v0", "--spec", "--dedup", "--tze", "--compress-default",
-                           "--ready-file", "--log-level"]),
+                           "--ready-file", "--log-level", "--socket-mode", "--group", "--tls-cert", "--tls-key",
+                           "--tls-ca", "--tls-control-subject", "--insecure-tcp", "--shared-auth",
+                           "--max-connections", "--max-per-principal", "--max-control"]),
     (["tmemcore.cli"], ["--server", "--timeout"]),
     (["tmemcore.cli", "list"], ["--long"]),
     (["tmemcore.cli", "save"], ["--live"]),

@@ -199,3 +199,26 @@ def test_a_unix_peer_that_vanishes_at_accept_costs_nothing(served: Served):
         sock.close()
     assert wait_for(lambda: served.server.connection_count() == 0)
     assert raw_hello(served.address, wire.CLIENT_ANY)[0] == 0
+
+
+@pytest.mark.parametrize("shared_auth", [True, False])
+def test_tmemd_shared_auth_flag(tmp_path: Path, shared_auth: bool, capsys: pytest.CaptureFixture[str]):
+    """tmemd --shared-auth: a shared NEW_POOL is -EPERM until `tmemctl auth CLIENT UUID`; without the flag
+    any guest may share (Xen's default, tmem_shared_auth off)."""
+    from peers import start_tmemd
+    from tmemcore.cli import main as tmemctl
+    from tmemcore.client import uuid_text
+
+    daemon = start_tmemd(tmp_path, f"unix:{tmp_path}/tmemd.sock", *(["--shared-auth"] if shared_auth else []))
+    try:
+        with RemoteTmem(daemon.address, 5) as guest:
+            first = guest.do_tmem_op(new_pool(True, UUID))
+            assert first == (-errno.EPERM if shared_auth else 0)
+            if shared_auth:
+                assert daemon.wait_log(f"NEW_POOL of the shared pool {uuid_text(UUID)} refused")
+                assert tmemctl(["--server", daemon.address, "auth", "5", uuid_text(UUID)]) == 0
+                assert guest.do_tmem_op(new_pool(True, UUID)) == 0
+            assert tmemctl(["--server", daemon.address, "list"]) == 0
+            assert f"U0:{UUID[0]:x},U1:{UUID[1]:x},SC:5" in capsys.readouterr().out
+    finally:
+        daemon.kill()
