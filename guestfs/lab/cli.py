@@ -314,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--no-warmup", action="store_true",
                       help="--value-table: no sequential pass over the working set before the timed reads (every "
                       "row then starts from empty caches)")
+    live.add_argument("--profile", action="store_true",
+                      help="--value-table: also measure where the time goes: microseconds per 4 KiB read of each "
+                      "layer (device O_DIRECT, host page cache, bindfs, tmemd's socket round trip, guestfs hits and "
+                      "misses with --threads single and multi), outside any cgroup (about 15 s more)")
     live.add_argument("--seed", type=non_negative_int, default=1, help="workload seed")
     live.add_argument("--out", type=Path, default=None,
                       help="output directory (default: ./results/live; ./results/value with --value-table)")
@@ -389,7 +393,8 @@ def _check_live_args(args: argparse.Namespace) -> None:
                 _usage(args, f"argument {option}: not with --value-table (it writes and reads its own working set)")
         return
     for given, option in ((args.tmem_factors is not None, "--tmem-factors"),
-                          (args.no_baselines, "--no-baselines"), (args.no_warmup, "--no-warmup")):
+                          (args.no_baselines, "--no-baselines"), (args.no_warmup, "--no-warmup"),
+                          (args.profile, "--profile")):
         if given:
             _usage(args, f"argument {option}: only with --value-table")
 

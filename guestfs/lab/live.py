@@ -423,7 +423,8 @@ def run_live_experiment(args: argparse.Namespace, out: Path) -> str:
 def run_value_table(args: argparse.Namespace, out: Path) -> tuple[str, int]:
     """``guestfs lab live --value-table``: ``value.value_table`` with the command's options; the
     summary and the number of wrong reads (pages whose bytes were not theirs) over all rows."""
-    from .value import DEFAULT_GUEST_MEMORY, DEFAULT_TMEM_FACTORS, VALUE_FILES, value_table, write_value_outputs
+    from .value import (DEFAULT_GUEST_MEMORY, DEFAULT_TMEM_FACTORS, VALUE_FILES, value_latencies, value_table,
+                        write_value_outputs)
 
     def note(row: str) -> None:
         if not args.quiet:
@@ -436,4 +437,8 @@ def run_value_table(args: argparse.Namespace, out: Path) -> tuple[str, int]:
                         threads=args.threads, baselines=not args.no_baselines, warmup=not args.no_warmup,
                         progress=note)
     wrong = sum(row["wrong_reads"] + row["warmup_wrong_reads"] for row in table["rows"])
-    return write_value_outputs(table, out), wrong
+    latencies = None
+    if args.profile:
+        note("latency profile")
+        latencies = value_latencies(seed=args.seed)
+    return write_value_outputs(table, out, latencies), wrong

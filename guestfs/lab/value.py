@@ -258,6 +258,7 @@ def bindfs_mount(source: Path, mountpoint: Path, *, timeout: float = 15.0) -> It
 
     if shutil.which("bindfs") is None:
         raise ValueTableError("bindfs is not installed (apt-get install bindfs)")
+    mountpoint.mkdir(exist_ok=True)
     process = subprocess.Popen(["bindfs", "-f", str(source), str(mountpoint)], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -565,8 +566,7 @@ def value_table(
     if reason is not None:  # before any image is made: one line that says what is missing
         raise ValueTableError(f"the value table cannot run here: {reason}")
     note = progress or (lambda _message: None)
-    with tempfile.TemporaryDirectory(prefix="guestfs-value-", dir=workdir) as scratch_name:
-        scratch = Path(scratch_name)
+    with scratch_dir(workdir) as scratch:
         image_bytes = settings.working_set_bytes + settings.working_set_bytes // 8 + (32 << 20)  # ext4's own room
         with ext4_loop_disk(scratch, image_bytes) as loop:
             names = write_working_set(loop.mountpoint, settings.files, settings.pages_per_file)
@@ -589,6 +589,20 @@ def value_table(
             "disk": disk_info, "distinct_pages": plan.distinct_pages, "rows": rows}
 
 
+@contextmanager
+def scratch_dir(workdir: Path | None) -> Iterator[Path]:
+    """A temp dir for the image and mountpoints; removed unless something is still mounted in it
+    (never delete through a mount that would not go away: the error that left it says why)."""
+    scratch = Path(tempfile.mkdtemp(prefix="guestfs-value-", dir=workdir))
+    try:
+        yield scratch
+    finally:
+        with open("/proc/mounts") as table:
+            mounted = any(line.split()[1].startswith(f"{scratch}/") for line in table)
+        if not mounted:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _check_settings(settings: ValueSettings) -> None:
     if settings.guest_memory < 4 << 20:
         raise ValueError(f"guest memory of {settings.guest_memory} bytes is too small: at least 4 MiB "
@@ -599,6 +613,118 @@ def _check_settings(settings: ValueSettings) -> None:
         raise ValueError("tmem factors must be one or more numbers >= 0")
     if settings.first_chance not in ("kernel", "daemon") or settings.threads not in ("single", "multi"):
         raise ValueError("first_chance must be kernel or daemon, threads single or multi")
+
+
+# -- where the time goes: per-read latencies of each layer --------------------------------------
+
+
+def _timed_preads(path: Path, indexes: Sequence[int], *, direct: bool = False) -> float:
+    """Mean microseconds of one 4 KiB pread at each page index (POSIX_FADV_RANDOM: no read-ahead)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        buffer = [memoryview(mmap.mmap(-1, PAGE_BYTES))]
+        started = time.perf_counter()
+        for index in indexes:
+            os.preadv(fd, buffer, index * PAGE_BYTES)
+        return (time.perf_counter() - started) / len(indexes) * 1e6
+    finally:
+        os.close(fd)
+
+
+def _timed_gets(server: str | None, path: Path, indexes: Sequence[int]) -> float:
+    """Mean microseconds of one CleanCache get of a page put before (no FUSE): tmemd's socket round
+    trip with ``server``, the in-process host without."""
+    from guestfs.filekey import key_for_path
+    from guestfs.stack import StackConfig, build_stack
+
+    stack = build_stack(StackConfig(server=server, first_chance="kernel", tmem_pages=4 * len(indexes) + 64))
+    try:
+        cleancache, key = stack.pageio.cleancache, key_for_path(str(path))
+        for index in indexes:
+            cleancache.put_page(key, index, reader.page_bytes(0, index))
+        started = time.perf_counter()
+        for index in indexes:
+            if cleancache.get_page(key, index) is None:
+                raise ValueTableError(f"latency probe: page {index} was put but not found")
+        return (time.perf_counter() - started) / len(indexes) * 1e6
+    finally:
+        stack.close()
+
+
+def _drop_page_cache(path: Path) -> None:
+    """Drop the kernel's cached pages of one file (of a FUSE mount too: its pages are clean)."""
+    drop_cached([path])
+
+
+def _guestfs_latencies(disk: LoopDisk, path: Path, scratch: Path, indexes: Sequence[int], threads: str,
+                       server: Tmemd | None) -> dict[str, float]:
+    """A guestfs mount (kernel first chance, O_DIRECT backing): miss, kernel hit, tmem hit."""
+    from guestfs.mount import start_mount
+
+    mountpoint = scratch / f"lat-{threads}-{'tmemd' if server else 'embedded'}"
+    mountpoint.mkdir()
+    host = ["--server", server.address] if server else ["--tmem", f"{4 * len(indexes) + 64}"]
+    handle = start_mount(str(disk.mountpoint), str(mountpoint), ["--first-chance", "kernel", "--backing-direct",
+                                                                 "--threads", threads, *host], timeout=15.0,
+                         log_path=str(scratch / "guestfs-latency.log"))
+    try:
+        drop_cached([path, disk.device])
+        served = mountpoint / path.name
+        miss = _timed_preads(served, indexes)  # device read + a failed get + a put per page
+        kernel_hit = _timed_preads(served, indexes)  # the guest's own page cache: no FUSE request
+        _drop_page_cache(served)
+        tmem_hit = _timed_preads(served, indexes)  # a FUSE request answered by a tmem get
+    finally:
+        handle.unmount(timeout=15.0)
+    return {"miss": miss, "kernel_hit": kernel_hit, "tmem_hit": tmem_hit}
+
+
+def value_latencies(*, pages: int = 4096, reads: int = 2000, seed: int = 1,
+                    workdir: Path | None = None) -> dict[str, float]:
+    """Microseconds per 4 KiB read of each layer the value table's rows go through (means over
+    ``reads`` random pages of one ``pages``-page file on the direct-io loop disk; no cgroup)."""
+    import random
+
+    reason = loop_disk_unavailable_reason() or (None if shutil.which("bindfs") else "bindfs is not installed")
+    if reason is not None:
+        raise ValueTableError(f"the latency profile cannot run here: {reason}")
+    from guestfs.pageio import wait_until_cacheable
+
+    indexes = random.Random(seed).sample(range(pages), min(reads, pages))
+    found: dict[str, float] = {}
+    with scratch_dir(workdir) as scratch, ext4_loop_disk(scratch, pages * PAGE_BYTES * 2 + (32 << 20)) as disk:
+        path = disk.mountpoint / write_working_set(disk.mountpoint, 1, pages)[0]
+        wait_until_cacheable(path)
+        drop_cached([path, disk.device, disk.image])
+        _timed_preads(path, indexes, direct=True)  # the first touch of a freshly written image is slower
+        found["device O_DIRECT read (no FUSE)"] = _timed_preads(path, indexes, direct=True)
+        drop_cached([path])
+        _timed_preads(path, indexes)  # fills the host page cache
+        found["host page cache read (no FUSE)"] = _timed_preads(path, indexes)
+        with bindfs_mount(disk.mountpoint, scratch / "lat-bindfs") as bound:
+            _timed_preads(bound / path.name, indexes)  # host page cache and bindfs's guest pages filled
+            _drop_page_cache(bound / path.name)
+            found["bindfs read from the host page cache"] = _timed_preads(bound / path.name, indexes)
+        with tmemd_daemon(scratch, 4 * pages * PAGE_BYTES) as tmemd:
+            found["tmemd get round trip (CleanCache over its socket, no FUSE)"] = _timed_gets(
+                tmemd.address, path, indexes)
+            for threads in ("single", "multi"):
+                result = _guestfs_latencies(disk, path, scratch, indexes, threads, tmemd)
+                found[f"guestfs miss, tmemd, --threads {threads} (device + get + put)"] = result["miss"]
+                found[f"guestfs tmem hit, tmemd, --threads {threads}"] = result["tmem_hit"]
+                if threads == "single":
+                    found["guestfs kernel page-cache hit (the guest's first chance)"] = result["kernel_hit"]
+        found["in-process get (CleanCache on the embedded host, no FUSE)"] = _timed_gets(None, path, indexes)
+        result = _guestfs_latencies(disk, path, scratch, indexes, "single", None)
+        found["guestfs tmem hit, embedded host (FUSE, no socket)"] = result["tmem_hit"]
+    return found
+
+
+def render_latencies(latencies: dict[str, float]) -> str:
+    lines = ["| layer | µs per 4 KiB read |", "|---|---:|"]
+    lines += [f"| {name} | {value:,.1f} |" for name, value in latencies.items()]
+    return "\n".join(lines) + "\n"
 
 
 # -- targets and outputs -------------------------------------------------------------------------
@@ -726,14 +852,16 @@ def render_value_table(table: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_value_outputs(table: dict[str, Any], out: Path) -> str:
-    """value.csv, value.json, value-time.png, value-backing.png, summary.md in ``out``; the summary text."""
+def write_value_outputs(table: dict[str, Any], out: Path, latencies: dict[str, float] | None = None) -> str:
+    """value.csv, value.json, value-time.png, value-backing.png, summary.md in ``out`` (with
+    ``latencies``, from ``value_latencies``, also in the JSON and the summary); the summary text."""
     rows = flat_rows(table)
     report.write_csv(out / "value.csv", rows)
     report.write_json(out / "value.json", {"meta": report.run_metadata(), **table,
                                            "targets": [t.__dict__ for t in value_targets(table["rows"])],
                                            "targets_warm": [t.__dict__ for t in value_targets(table["rows"],
-                                                                                              "warm_seconds")]})
+                                                                                              "warm_seconds")],
+                                           "latencies_us": latencies})
     tmem = [row for row in rows if row["kind"] == "guestfs"]
     sizes = [row["tmem_bytes"] / (1 << 20) for row in tmem]
     flat_line = {row["row"]: row for row in rows if row["kind"] != "guestfs"}
@@ -747,7 +875,11 @@ def write_value_outputs(table: dict[str, Any], out: Path) -> str:
     plots.plot_curves(out / "value-backing.png", "backing MiB read against tmem size", "tmem size (MiB)",
                       backing_curves, ylabel="MiB read", logx=False, percent=False)
     body = render_value_table(table)
-    report.write_summary(out / "summary.md", "Value table: tmem vs the host page cache", [("Rows", body)])
+    sections = [("Rows", body)]
+    if latencies is not None:
+        sections.append(("Where the time goes", render_latencies(latencies)))
+        body += "\nWhere the time goes (value_latencies):\n\n" + render_latencies(latencies)
+    report.write_summary(out / "summary.md", "Value table: tmem vs the host page cache", sections)
     return body
 
 

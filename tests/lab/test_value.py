@@ -216,6 +216,7 @@ def test_cli_live_sweep_in_guest_memory(tmp_path: Path) -> None:
     (["live", "--guest-memory", "lots"], "--guest-memory"),
     (["live", "--tmem-factors", "0,4"], "--tmem-factors: only with --value-table"),
     (["live", "--no-warmup"], "--no-warmup: only with --value-table"),
+    (["live", "--profile"], "--profile: only with --value-table"),
     (["live", "--value-table", "--compress"], "--compress: not with --value-table"),
     (["live", "--value-table", "--tmem-factors", "-1"], "--tmem-factors"),
 ])
@@ -223,3 +224,14 @@ def test_live_usage_errors(argv: list[str], message: str, capsys: pytest.Capture
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.mount
+def test_latency_profile_measures_every_layer(tmp_path: Path) -> None:
+    value_table_or_skip()
+    from guestfs.lab.value import render_latencies, value_latencies
+
+    latencies = value_latencies(pages=256, reads=200, workdir=tmp_path)
+    assert len(latencies) == 11 and all(value > 0 for value in latencies.values())
+    assert "tmemd get round trip" in render_latencies(latencies)
+    assert not loop_devices_of(tmp_path) and not mounts_under(tmp_path) and list(tmp_path.iterdir()) == []
