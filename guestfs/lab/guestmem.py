@@ -134,9 +134,12 @@ def find_cgroup_place() -> CgroupPlace:
     for kind, mountpoint, _ in mounts:
         if kind == "cgroup2" and "memory" in _read_words(mountpoint / "cgroup.controllers"):
             own = mountpoint / _own_cgroup(2).lstrip("/")
-            if not own.is_dir() or own == mountpoint:
-                return CgroupPlace(2, mountpoint, mountpoint)
-            return CgroupPlace(2, own.parent, own)  # v2: no processes in inner nodes, so a sibling
+            place = (CgroupPlace(2, mountpoint, mountpoint) if not own.is_dir() or own == mountpoint
+                     else CgroupPlace(2, own.parent, own))  # v2: no processes in inner nodes, so a sibling
+            if "memory" not in _read_words(place.parent / "cgroup.subtree_control"):
+                raise GuestMemoryError(f"cgroup v2: the memory controller is not enabled for the children of "
+                                       f"{place.parent} (its cgroup.subtree_control)")
+            return place
     for kind, mountpoint, options in mounts:
         if kind == "cgroup" and "memory" in options:
             own = mountpoint / _own_cgroup(1).lstrip("/")
@@ -146,9 +149,8 @@ def find_cgroup_place() -> CgroupPlace:
 
 
 def guest_memory_unavailable_reason() -> str | None:
-    """Why ``guest_memory`` cannot work here (one line), or None when it can: tries a probe cgroup."""
-    if os.geteuid() != 0:
-        return "memory cgroups need root (creating a cgroup and writing its limit)"
+    """Why ``guest_memory`` cannot work here (one line), or None when it can: tries a probe cgroup
+    (so a delegated cgroup v2 subtree works without root, and a read-only cgroup fs says so)."""
     try:
         with guest_memory(16 << 20, name=f"guestfs-lab-probe-{os.getpid()}"):
             pass

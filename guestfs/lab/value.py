@@ -21,17 +21,22 @@ POSIX_FADV_DONTNEED and checked with mincore):
 * ``bindfs``: through bindfs over the ext4 mount, whose speed comes from the host page cache
   (the double caching tmem replaces).
 
-Measured per row: the reader's wall time (of its reads only, timed by itself; ``warm_seconds``
-is the second half of the sequence, after the caches filled), bytes the loop device read
-(``/sys/block/loopN/stat``), bytes guestfs read from the backing files, the tmem hit ratio
-(successful gets / gets: the share of the guest's page-cache misses tmem served), and the host
-memory the row used: tmemd's resident-set growth during the run (its whole cost, Python's
-per-page overhead included; tmemd's own count of pages held is ``tmem_held_bytes``) plus the
-host page cache of the working-set files after the run (mincore; what bindfs lives on).
+The reader first makes one sequential pass over the working set (``warmup``: a guest that has
+run a while has read its data before; without it most of a short run's misses are first
+touches, which no cache can serve), then the lab samples the counters and the reader runs the
+timed zipf reads. Measured per row, for the timed reads: the reader's wall time (timed by
+itself; ``warm_seconds`` is their second half, ``warmup_seconds`` the pass before), bytes the
+loop device read (``/sys/block/loopN/stat``), bytes guestfs read from the backing files, the
+tmem hit ratio (successful gets / gets: the share of the guest's page-cache misses tmem
+served), and the host memory the row used at its end: tmemd's resident-set growth since before
+the mount (its whole cost, Python's per-page overhead included; tmemd's own count of the pages
+it holds is ``tmem_held_bytes``) plus the host page cache of the working-set files (mincore;
+what bindfs lives on).
 
 ``value_table()`` runs it (``guestfs lab live --value-table``, ``make demo`` with small sizes,
 benchmarks); ``value_targets()`` checks the issue's targets on its rows; ``write_value_outputs()``
-writes CSV/JSON/plots/summary.
+writes CSV/JSON/plots/summary; ``value_latencies()`` measures each layer's cost per read (where
+the time goes).
 """
 
 from __future__ import annotations
