@@ -3,6 +3,9 @@
 The system under test is Ops + PageIO + CleanCache + the embedded tmem host with tiny caches; the model
 is a dict of bytearrays. Writes and truncates go through Ops or behind its back (directly on the backing
 file); every read through Ops must equal the model, and the stack's invariants must hold after each step.
+Both first chances: ``daemon`` (guestfs's own first-chance cache, exclusive tmem) and ``kernel`` (no
+first-chance cache here, tmem inclusive over a shared pool; Ops answers every read itself, so this checks
+the daemon's side of kernel mode; tests/guestfs/test_kernel_cache_model.py adds the kernel's page cache).
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ class FileInfo:
     flags: int
     fh: int = 0
     direct_io: int = 0
+    keep_cache: int = 0
 
 
 class OpsMachine(RuleBasedStateMachine):
+    CONFIG = StackConfig(page_cache_pages=2, tmem_pages=8, abi="v1")
+
     def __init__(self) -> None:
         super().__init__()
         self.root = tempfile.mkdtemp(prefix="ops-model-")
-        self.stack = build_stack(StackConfig(page_cache_pages=2, tmem_pages=8, abi="v1"))
+        self.stack = build_stack(self.CONFIG)
         self.ops = Ops(self.root, self.stack.pageio, key_for_fd=key_for_fd, key_for_path=key_for_path)
         self.model: dict[str, bytearray] = {}
         self.open: dict[str, FileInfo] = {}
@@ -119,9 +125,22 @@ class OpsMachine(RuleBasedStateMachine):
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+class KernelFirstChanceOpsMachine(OpsMachine):
+    """The same rules with ``--first-chance kernel``'s stack (tmem of 8 pages: hits, misses, evictions)."""
+
+    CONFIG = StackConfig(tmem_pages=8, abi="v1", first_chance="kernel")
+
+    @invariant()
+    def tmem_is_inclusive(self) -> None:
+        assert not self.stack.cleancache.exclusive_gets and self.stack.stats()["page_cache_pages"] == 0
+
+
 TestOpsModel = OpsMachine.TestCase
 TestOpsModel.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                  suppress_health_check=[HealthCheck.too_slow])
+TestOpsModelKernelFirstChance = KernelFirstChanceOpsMachine.TestCase
+TestOpsModelKernelFirstChance.settings = settings(max_examples=40, stateful_step_count=40, deadline=None,
+                                                  suppress_health_check=[HealthCheck.too_slow])
 
 
 def _apply_write(data: bytearray, offset: int, payload: bytes) -> None:

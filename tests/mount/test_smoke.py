@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from guestfs.pageio import wait_until_cacheable
+from tests.mount.conftest import FIRST_CHANCES
 
 BINDINGS = ["mfusepy", "fusepy"]
 MountFactory = Callable[..., Any]  # the mount_factory fixture from tests/mount/conftest.py
@@ -22,9 +23,10 @@ MountFactory = Callable[..., Any]  # the mount_factory fixture from tests/mount/
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(90, method="thread")]
 
 
+@pytest.mark.parametrize("first_chance", FIRST_CHANCES)
 @pytest.mark.parametrize("binding", BINDINGS)
-def test_read_write_roundtrip(mount_factory: MountFactory, binding: str) -> None:
-    m = mount_factory(binding=binding)
+def test_read_write_roundtrip(mount_factory: MountFactory, binding: str, first_chance: str) -> None:
+    m = mount_factory(binding=binding, first_chance=first_chance)
     (m.source / "seed.txt").write_bytes(b"seed data\n")
     assert (m.mnt / "seed.txt").read_bytes() == b"seed data\n"
     (m.mnt / "new.bin").write_bytes(os.urandom(3) + b"x" * 20000)
@@ -33,11 +35,15 @@ def test_read_write_roundtrip(mount_factory: MountFactory, binding: str) -> None
     stats = m.stats()
     assert stats["mount"]["binding"] == binding  # type: ignore[index]
     assert stats["mount"]["libfuse"] == (3 if binding == "mfusepy" else 2)  # type: ignore[index]
+    assert stats["first_chance"] == first_chance and stats["exclusive_gets"] == (first_chance == "daemon")
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
 def test_every_4k_read_reaches_the_daemon(mount_factory: MountFactory, binding: str) -> None:
-    """direct_io self-test: N application reads → exactly N PageIO reads (catches fuse_file_info ABI drift)."""
+    """direct_io self-test: N application reads → exactly N PageIO reads (catches fuse_file_info ABI drift).
+
+    --first-chance daemon only (the fixture's default): in kernel mode the kernel's page cache serves
+    repeated reads (tests/mount/test_kernel_first_chance.py checks that they do *not* reach the daemon)."""
     m = mount_factory(binding=binding)
     (m.source / "data").write_bytes(os.urandom(64 * 4096))
     before = m.stats()["reads"]
@@ -52,6 +58,8 @@ def test_every_4k_read_reaches_the_daemon(mount_factory: MountFactory, binding: 
 
 
 def test_cached_reread_hits_and_external_change_is_seen(mount_factory: MountFactory) -> None:
+    """--first-chance daemon only: counts guestfs's own first-chance hits, and sees the change without a
+    reopen (kernel mode is close-to-open: tests/mount/test_kernel_first_chance.py)."""
     m = mount_factory("--page-cache", "1M")
     (m.source / "f").write_bytes(b"A" * 8192)
     wait_until_cacheable(m.source / "f")  # written behind the mount: cached once it settles
@@ -101,7 +109,9 @@ def test_rename_noreplace_and_exchange_on_libfuse3(mount_factory: MountFactory) 
 
 
 def test_shared_mmap_fails_private_mmap_works(mount_factory: MountFactory) -> None:
-    """The documented cost of direct_io: MAP_SHARED is refused (ENODEV), MAP_PRIVATE works."""
+    """The documented cost of direct_io: MAP_SHARED is refused (ENODEV), MAP_PRIVATE works.
+
+    --first-chance daemon only (every open is direct_io); the kernel-mode counterpart is below."""
     import mmap
 
     m = mount_factory()
@@ -112,6 +122,28 @@ def test_shared_mmap_fails_private_mmap_works(mount_factory: MountFactory) -> No
         assert info.value.errno == errno.ENODEV
         with mmap.mmap(handle.fileno(), 4096, flags=mmap.MAP_PRIVATE) as private:
             assert private[:4] == b"mmmm"
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_shared_mmap_works_in_kernel_mode_and_its_stores_reach_the_backing_file(
+        mount_factory: MountFactory, binding: str) -> None:
+    """--first-chance kernel opens are cached (no direct_io): MAP_SHARED maps the kernel's pages, and
+    its stores go back through the mount (writeback -> the daemon's write) to the backing file."""
+    import mmap
+
+    m = mount_factory(binding=binding, first_chance="kernel")
+    original = os.urandom(3 * 4096)
+    (m.mnt / "f").write_bytes(original)
+    with open(m.mnt / "f", "r+b") as handle:
+        with mmap.mmap(handle.fileno(), 3 * 4096, flags=mmap.MAP_SHARED) as shared:
+            assert shared[:] == original
+            shared[4096 + 10:4096 + 20] = b"S" * 10
+            shared.flush()  # msync: writeback through the mount, before munmap
+    expected = original[:4096 + 10] + b"S" * 10 + original[4096 + 20:]
+    assert (m.source / "f").read_bytes() == expected
+    assert (m.mnt / "f").read_bytes() == expected
+    stats = m.stats()
+    assert stats["writes"] >= 2 and stats["bytes_written"] >= len(original) + 10, stats  # type: ignore[operator]
 
 
 def test_read_only_mount_refuses_writes(mount_factory: MountFactory) -> None:

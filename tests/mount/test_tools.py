@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from guestfs.pageio import wait_until_cacheable
+from tests.mount.conftest import FIRST_CHANCES
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(120, method="thread")]
 
@@ -83,11 +84,16 @@ FIO_JOB = ["--name=verify", "--rw=randrw", "--bs=4k", "--size=8M", "--ioengine=p
            "--verify_state_save=0"]
 
 
+@pytest.mark.parametrize("first_chance", FIRST_CHANCES)
 @pytest.mark.parametrize("direct", [0, 1])
-def test_fio_randrw_with_crc32c_verify(mount_factory: MountFactory, direct: int, tmp_path: Path) -> None:
+def test_fio_randrw_with_crc32c_verify(mount_factory: MountFactory, direct: int, first_chance: str,
+                                       tmp_path: Path) -> None:
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
-    m = mount_factory("--page-cache", "256K", "--tmem", "2M")  # smaller than the file: all three tiers work
+    # caches smaller than the file: all tiers work (daemon: first-chance, tmem, backing; kernel: the
+    # kernel's page cache, tmem, backing; --page-cache is refused with --first-chance kernel)
+    sizes = ["--page-cache", "256K"] if first_chance == "daemon" else []
+    m = mount_factory(*sizes, "--tmem", "2M", first_chance=first_chance)
     workdir = tmp_path / "fio-cwd"
     workdir.mkdir()
     state_files_before = set(Path.cwd().glob("*verify.state"))
@@ -96,3 +102,5 @@ def test_fio_randrw_with_crc32c_verify(mount_factory: MountFactory, direct: int,
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
     assert "verify" in result.stdout and "err= 0" in result.stdout
     assert list(workdir.iterdir()) == [] and set(Path.cwd().glob("*verify.state")) == state_files_before
+    stats = m.stats()
+    assert stats["first_chance"] == first_chance and stats["bytes_written"] >= 8 << 20, stats  # type: ignore[operator]
