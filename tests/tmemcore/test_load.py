@@ -55,10 +55,10 @@ class Tally:
             self.ids.add(cid)
 
 
-def run_guest(address: str, deadline: list[float], seed: int, tally: Tally, started: threading.Barrier) -> None:
+def run_guest(address: str, stop: threading.Event, seed: int, tally: Tally, started: threading.Barrier) -> None:
     """One guest: a persistent pool (every get must hit with the last page put) and an ephemeral one (a
     get may miss, a hit must be the last page put and is exclusive), from the moment all guests are
-    connected (``started``) until ``deadline[0]`` (set then)."""
+    connected (``started``) until ``stop``."""
     rng = random.Random(seed)
     errors: list[str] = []
     wrong = ops = 0
@@ -77,7 +77,7 @@ def run_guest(address: str, deadline: list[float], seed: int, tally: Tally, star
             live: dict[int, int] = {}  # ephemeral key -> version put and not yet got
             started.wait(60)
             page = bytearray(abi.PAGE_SIZE)
-            while time.monotonic() < deadline[0]:
+            while not stop.is_set():
                 ops += 1
                 choice = rng.random()
                 if choice < 0.25:
@@ -184,22 +184,26 @@ def run_load(daemon: Daemon, seconds: float) -> None:
     address = daemon.address
     tally = Tally()
     rss_before = daemon.rss_kib()
-    deadline: list[float] = []
-    started = threading.Barrier(GUESTS + 1, action=lambda: deadline.append(time.monotonic() + seconds))
-    threads = [threading.Thread(target=run_guest, args=(address, deadline, seed, tally, started), daemon=True)
+    stop = threading.Event()
+    started = threading.Barrier(GUESTS + 1)
+    threads = [threading.Thread(target=run_guest, args=(address, stop, seed, tally, started), daemon=True)
                for seed in range(GUESTS)]
     for thread in threads:
         thread.start()
     started.wait(60)
     loaded_at = time.monotonic()
-    assert len(set(daemon_clients(address))) == GUESTS
-    # faults while the guests run
-    kill_guests_mid_put(address, rounds=3)
-    faults = send_faults(address)
-    with ForeignPeer(address, [hello_step(0), hello_step(1), hello_step(GUESTS // 2)]) as impostor:
-        assert [r["status"] for r in impostor.results] == [-errno.EPERM] * 3  # dom0, two busy guests' ids
+    try:
+        assert len(set(daemon_clients(address))) == GUESTS
+        # faults while the guests run (the guests stop only after them, however long they take)
+        with ForeignPeer(address, [hello_step(0), hello_step(1), hello_step(GUESTS // 2)]) as impostor:
+            assert [r["status"] for r in impostor.results] == [-errno.EPERM] * 3, impostor.results  # dom0, 2 busy ids
+        kill_guests_mid_put(address, rounds=3)
+        faults = send_faults(address)
+        threading.Event().wait(max(0.0, loaded_at + seconds - time.monotonic()))  # the rest of the load's time
+    finally:
+        stop.set()
     for thread in threads:
-        thread.join(seconds + 60)
+        thread.join(60)
     peak = [daemon.rss_kib()]
     assert time.monotonic() - loaded_at >= seconds * 0.9
     assert not any(thread.is_alive() for thread in threads)
